@@ -1,0 +1,38 @@
+"""stepprobe: controlled experiments on single training steps of RL fine-tuning.
+
+Public API (imported lazily so ``import stepprobe`` stays cheap)::
+
+    ckpt = load_checkpoint(path); task = get_task("arithmetic")
+    U = sample_batch(ckpt, task, prompts=8, per_prompt=8, seed=0)
+    upd = replay_update(ckpt, U)
+    m = measure(ckpt, upd, E, quantity="entropy", etas=[...]); inf = influence(ckpt, upd, E, ...)
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Batch": "batch",
+    "StepprobeError": "errors",
+    "load_checkpoint": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "RunSettings": "checkpoint",
+    "replay_update": "update",
+    "Update": "update",
+    "Task": "tasks",
+    "get_task": "tasks",
+    "sample_batch": "rollouts",
+    "measure": "measure",
+    "influence": "influence",
+    "exact": "exact",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = import_module(f".{_EXPORTS[name]}", __name__)
+        return module if name == _EXPORTS[name] else getattr(module, name)
+    raise AttributeError(f"module 'stepprobe' has no attribute {name!r}")
