@@ -1,0 +1,41 @@
+"""The demo task: 2-digit addition, prompt "a+b=", reward 1.0 for the exact sum."""
+
+from __future__ import annotations
+
+import random
+
+TASK_NAME = "addition2"
+
+
+def make_prompts(n: int, seed: int = 0) -> list[dict]:
+    """`n` records {"prompt": "a+b=", "answer": "<a+b>"} with a, b uniform in 10..99."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return out
+
+
+def answer_for(prompt: str) -> str:
+    """The exact answer for a prompt "a+b=" (also accepts chat messages)."""
+    if isinstance(prompt, list):  # conversational prompt: last user message
+        prompt = prompt[-1]["content"]
+    a, b = prompt.strip().rstrip("=").split("+")
+    return str(int(a) + int(b))
+
+
+def _text(completion) -> str:
+    if isinstance(completion, list):  # conversational completion
+        completion = completion[-1]["content"] if completion else ""
+    return completion
+
+
+def reward(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """TRL reward function: 1.0 when the completion (stripped) is exactly the sum, else 0.0.
+
+    `answer` is the dataset column TRL passes through; without it the sum is recomputed
+    from the prompt.
+    """
+    answers = answer if answer is not None else [answer_for(p) for p in prompts]
+    return [float(_text(c).strip() == str(a)) for c, a in zip(completions, answers, strict=True)]
