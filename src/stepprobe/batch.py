@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file, save_file
 
 from .errors import StepprobeError
