@@ -28,3 +28,52 @@ def friendly(fn):
             sys.exit(2)
 
     return wrapper
+
+
+# ---------------------------------------------------------------------- studies
+@app.command("init-config")
+@friendly
+def init_config(
+    path: str = typer.Argument("study.yaml", help="Where to write the commented template."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+):
+    """Write a commented study config template."""
+    from pathlib import Path
+
+    from .study import template_text
+
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise StepprobeError(f"{p} already exists; pass --overwrite to replace it")
+    p.write_text(template_text())
+    console.print(f"wrote {p}")
+
+
+@app.command("run")
+@friendly
+def run_cmd(
+    config: str = typer.Argument(..., help="Study config (YAML); see `stepprobe init-config`."),
+    out: str = typer.Option(..., "--out", help="Study directory (created, or resumed)."),
+    force: bool = typer.Option(
+        False, "--force", help="Adopt a changed config in an existing --out (stale trials are deleted)."
+    ),
+    executor: str = typer.Option("inprocess", "--executor", help="inprocess (default) or process."),
+    workers: int = typer.Option(2, "--workers", help="Worker processes for --executor process."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Run (or resume) a study: checkpoints x repeats, then tables, statistics and plots."""
+    from .study import get_executor, load_config, run_study
+
+    cfg = load_config(config)  # everything validated before any work
+    ex = get_executor(executor, **({"workers": workers} if executor == "process" else {}))
+    report = run_study(cfg, out, executor=ex, force=force, progress=progress)
+    console.print(f"report: {report}")
+
+
+@app.command("report")
+@friendly
+def report_cmd(out: str = typer.Argument(..., help="A study directory written by `stepprobe run`.")):
+    """Recompute the statistics, plots and report.md of a study directory."""
+    from .study import build_report
+
+    console.print(f"report: {build_report(out)}")

@@ -1,0 +1,54 @@
+"""Studies: one config over many checkpoints and repeats, resumable, with statistics.
+
+cfg = load_config("study.yaml")           # or demo_config("runs/demo")
+report = run_study(cfg, "runs/study")     # plan -> executor -> store -> report
+"""
+
+from .config import StudyConfig, load_config, parse_config, template_text
+from .executor import Executor, InProcessExecutor, ProcessExecutor, get_executor
+from .plan import Trial, derive_seed, plan
+from .report import build_report
+from .runner import run_study
+from .store import Store
+from .trial import TrialResult, run_trial
+
+__all__ = [
+    "Executor",
+    "InProcessExecutor",
+    "ProcessExecutor",
+    "Store",
+    "StudyConfig",
+    "Trial",
+    "TrialResult",
+    "build_report",
+    "demo_config",
+    "derive_seed",
+    "get_executor",
+    "load_config",
+    "parse_config",
+    "plan",
+    "run_study",
+    "run_trial",
+    "template_text",
+]
+
+
+def demo_config(run_dir, **overrides) -> StudyConfig:
+    """The default study of the demo run in ``run_dir`` (all its checkpoints), sized to
+    finish in a few minutes on 2 CPU cores; ``overrides`` replace top-level keys."""
+    from pathlib import Path
+
+    data = {
+        "checkpoints": [str(Path(run_dir).resolve())],
+        "task": "addition2",
+        "update": {"prompts": 16, "per_prompt": 8, "filter_zero_advantage": True},
+        "evaluation": {"prompts": 32, "per_prompt": 4, "filter_zero_advantage": False},
+        "repeats": 4,
+        "etas": [0.5, 1.0, 2.0],
+        "quantities": ["entropy", "reward"],
+        "estimators": ["snis", "linear"],
+        "directions": ["full", "baseline", "gradient"],
+        "seed": 0,
+    }
+    data.update(overrides)
+    return parse_config(data, source="demo study config")

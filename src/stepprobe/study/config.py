@@ -1,0 +1,198 @@
+"""The study config: one YAML file, validated completely before any work starts.
+
+Every field is checked by pydantic (unknown keys are errors); checkpoint paths are
+resolved (a run directory expands to all its ``checkpoint-*`` children, in step order)
+and must exist. Errors are StepprobeError messages naming the key, the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import StepprobeError
+
+QUANTITIES = ("entropy", "sequence_entropy", "reward")
+ESTIMATORS = ("snis", "linear")
+DIRECTIONS = ("full", "baseline", "gradient")
+PRECISIONS = ("float32", "float64", "bfloat16", "float16")
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchSpec(_Strict):
+    """How one batch is drawn: ``prompts`` prompts x ``per_prompt`` completions each."""
+
+    prompts: int = Field(gt=0)
+    per_prompt: int = Field(gt=0)
+    filter_zero_advantage: bool = True
+
+
+class InfluenceSpec(_Strict):
+    """Which first-order influences to record (MATH.md §3)."""
+
+    sequence: bool = True
+    token: bool = True
+
+
+class ReportSpec(_Strict):
+    """Settings of the statistics only: changing them never invalidates finished trials."""
+
+    level: float = Field(0.95, gt=0, lt=1)
+    target_ci_width: float | None = Field(None, gt=0)
+    log_window: int = Field(10, gt=0)
+    log_key: str = "entropy"
+
+
+class StudyConfig(_Strict):
+    checkpoints: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    task: str
+    update: BatchSpec
+    evaluation: BatchSpec = BatchSpec(prompts=16, per_prompt=4, filter_zero_advantage=False)
+    repeats: int = Field(gt=0)
+    etas: list[float] = Field(default=[0.5, 1.0, 2.0], min_length=1)
+    quantities: list[Literal[QUANTITIES]] = Field(default=["entropy", "reward"], min_length=1)  # type: ignore[valid-type]
+    estimators: list[Literal[ESTIMATORS]] = Field(default=["snis", "linear"], min_length=1)  # type: ignore[valid-type]
+    directions: list[Literal[DIRECTIONS]] = Field(
+        default=["full", "baseline", "gradient"], min_length=1
+    )  # type: ignore[valid-type]
+    influence: InfluenceSpec = InfluenceSpec()
+    seed: int = Field(0, ge=0)
+    device: str = "cpu"
+    precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("etas")
+    @classmethod
+    def _positive_etas(cls, v: list[float]) -> list[float]:
+        bad = [e for e in v if not e > 0]
+        if bad:
+            raise ValueError(
+                f"every eta must be > 0 (a multiple of the run's learning rate), got {bad}"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"etas must be distinct, got {v}")
+        return sorted(v)
+
+    @field_validator("quantities", "estimators", "directions")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"entries must be distinct, got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", v):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {v!r}")
+        return v
+
+    # ------------------------------------------------------------------ identity
+    def trial_fingerprint(self) -> str:
+        """Hash of everything a single trial's result depends on (not the plan's extent).
+
+        Adding repeats or checkpoints, or changing report settings, leaves finished trials
+        valid; anything else (batch sizes, etas, seed, precision, ...) does not.
+        """
+        d = self.model_dump(mode="json", exclude={"checkpoints", "repeats", "report"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- loading
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            got = err.get("input")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}': {msg} (got {got!r})")
+    allowed = ", ".join(StudyConfig.model_fields)
+    return (
+        f"{source}: invalid study config:\n  "
+        + "\n  ".join(lines)
+        + f"\n  (top-level keys: {allowed})"
+    )
+
+
+def resolve_checkpoints(entries: list[str], base: Path) -> list[Path]:
+    """Each entry is a checkpoint directory or a run directory (all its checkpoint-*)."""
+    out: list[Path] = []
+    for entry in entries:
+        p = Path(entry).expanduser()
+        p = p if p.is_absolute() else (base / p)
+        if not p.exists():
+            raise StepprobeError(f"checkpoints: '{entry}' does not exist (looked at {p})")
+        if not p.is_dir():
+            raise StepprobeError(f"checkpoints: '{entry}' is not a directory ({p})")
+        children = sorted(
+            (c for c in p.iterdir() if c.is_dir() and _CKPT_RE.match(c.name)),
+            key=lambda c: int(_CKPT_RE.match(c.name).group(1)),
+        )
+        if children and not (p / "optimizer.pt").exists():
+            out.extend(c.resolve() for c in children)
+        elif (p / "optimizer.pt").exists() or (p / "trainer_state.json").exists():
+            out.append(p.resolve())
+        else:
+            raise StepprobeError(
+                f"checkpoints: '{entry}' ({p}) is neither a checkpoint (no optimizer.pt) "
+                "nor a run directory with checkpoint-* subdirectories"
+            )
+    seen: set[Path] = set()
+    dupes = [c for c in out if c in seen or seen.add(c)]
+    if dupes:
+        raise StepprobeError(f"checkpoints: listed more than once: {[str(d) for d in dupes]}")
+    return out
+
+
+def parse_config(data: dict, source: str = "config", base: Path | None = None) -> StudyConfig:
+    """Validate a dict; checkpoint entries become absolute paths (relative ones resolve
+    against ``base``, the config file's directory)."""
+    if not isinstance(data, dict):
+        raise StepprobeError(
+            f"{source}: expected a mapping of keys to values, got {type(data).__name__}"
+        )
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise StepprobeError(_format_errors(e, source)) from None
+    ckpts = resolve_checkpoints(cfg.checkpoints, base or Path.cwd())
+    return cfg.model_copy(update={"checkpoints": [str(c) for c in ckpts]})
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise StepprobeError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StepprobeError(f"{path}: not valid YAML ({e})") from None
+    return parse_config(
+        data if data is not None else {}, source=str(path), base=path.parent.resolve()
+    )
+
+
+def template_text() -> str:
+    from importlib.resources import files
+
+    return (files("stepprobe") / "templates" / "study.yaml").read_text()

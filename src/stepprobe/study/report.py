@@ -1,0 +1,387 @@
+"""The study's statistics, from its tables alone: `stepprobe report DIR` and the end of `run`.
+
+Writes OUT/report/*.csv (one file per table below), OUT/plots/*.png and OUT/report.md:
+- changes_by_checkpoint: E[ΔQ] per step with t intervals across repeats (update-batch
+  and evaluation noise both covered, since every repeat redraws U and E);
+- variance: between-repeat variance vs mean within-repeat se² (update vs evaluation part);
+- allocation: repeats needed at several evaluation sizes for a target interval width;
+- linearity: ΔQ(η) = aη + bη² fits and linear-vs-true at η = 1;
+- regression_sequences / regression_tokens: influence on features, cluster-robust SEs;
+- log_check: predicted per-step entropy change vs the training log's local slope.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import stats
+from ..errors import StepprobeError
+from .store import write_json
+
+SEQ_FEATURES = ["correct", "advantage", "prob_mean", "prob_min", "entropy_mean", "length"]
+TOKEN_FEATURES = ["correct", "advantage", "prob", "entropy", "pos"]
+
+
+def load_tables(out: Path) -> dict[str, pd.DataFrame]:
+    tables = {}
+    for name in ("sequences", "tokens", "changes"):
+        f = out / f"{name}.parquet"
+        if not f.is_file():
+            raise StepprobeError(
+                f"{out}: no {name}.parquet; is this a finished study directory (stepprobe run ... --out {out})?"
+            )
+        tables[name] = pd.read_parquet(f)
+    return tables
+
+
+def _reference_eta(etas) -> float:
+    etas = sorted(set(float(e) for e in etas))
+    return min(etas, key=lambda e: (abs(math.log(e)), -e))  # η = 1 when present
+
+
+# ---------------------------------------------------------------------- tables
+def changes_by_checkpoint(changes: pd.DataFrame, level: float) -> pd.DataFrame:
+    keys = ["checkpoint", "checkpoint_index", "step", "quantity", "estimator", "direction", "eta"]
+    rows = []
+    for k, g in changes.groupby(keys, sort=True):
+        ci = stats.t_interval(g["estimate"], level)
+        rows.append(
+            {
+                **dict(zip(keys, k, strict=True)),
+                **ci,
+                "mean_within_se": float(np.sqrt(np.mean(g["se"] ** 2))) if "se" in g else math.nan,
+            }
+        )
+    return (
+        pd.DataFrame(rows).sort_values(keys, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=keys)
+    )
+
+
+def variance_table(changes: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
+    sel = changes[(changes["direction"] == "full") & np.isclose(changes["eta"], eta_ref)]
+    rows = []
+    for k, g in sel.groupby(["checkpoint", "step", "quantity", "estimator"], sort=True):
+        vc = stats.variance_components(g["estimate"], g["se"])
+        rows.append({"checkpoint": k[0], "step": k[1], "quantity": k[2], "estimator": k[3], **vc})
+    return pd.DataFrame(rows)
+
+
+def allocation_table(
+    var: pd.DataFrame,
+    by_ckpt: pd.DataFrame,
+    eval_samples: int,
+    costs: dict,
+    target_width: float | None,
+    level: float,
+) -> pd.DataFrame:
+    out = []
+    for _, r in var.iterrows():
+        if not (np.isfinite(r["update_var"]) and np.isfinite(r["eval_var"])):
+            continue
+        ref = by_ckpt[
+            (by_ckpt.checkpoint == r.checkpoint)
+            & (by_ckpt.quantity == r.quantity)
+            & (by_ckpt.estimator == r.estimator)
+            & (by_ckpt.direction == "full")
+        ]
+        width = target_width
+        if width is None:  # half the width the study reached
+            cur = (ref["ci_high"] - ref["ci_low"]).dropna()
+            width = float(cur.iloc[0]) / 2 if len(cur) else math.nan
+        if not (np.isfinite(width) and width > 0):
+            continue
+        a = stats.allocation(
+            r["update_var"],
+            r["eval_var"],
+            eval_samples,
+            width,
+            costs["update"],
+            costs["eval_sample"],
+            level,
+        )
+        a.insert(0, "target_width", width)
+        for c in ("estimator", "quantity", "step", "checkpoint"):
+            a.insert(0, c, r[c])
+        out.append(a)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def linearity_table(by_ckpt: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
+    rows = []
+    for k, g in by_ckpt[by_ckpt.estimator == "snis"].groupby(
+        ["checkpoint", "step", "quantity", "direction"], sort=True
+    ):
+        fit = stats.linearity_fit(g["eta"], g["mean"])
+        lin = by_ckpt[
+            (by_ckpt.estimator == "linear")
+            & (by_ckpt.checkpoint == k[0])
+            & (by_ckpt.quantity == k[2])
+            & (by_ckpt.direction == k[3])
+            & np.isclose(by_ckpt.eta, eta_ref)
+        ]
+        true = g[np.isclose(g.eta, eta_ref)]["mean"]
+        row = {"checkpoint": k[0], "step": k[1], "quantity": k[2], "direction": k[3], **fit}
+        row["true_at_ref"] = float(true.iloc[0]) if len(true) else math.nan
+        row["linear_at_ref"] = float(lin["mean"].iloc[0]) if len(lin) else math.nan
+        row["linear_over_true"] = (
+            row["linear_at_ref"] / row["true_at_ref"] if row["true_at_ref"] else math.nan
+        )
+        row["linear_dominates"] = (
+            bool(row["nonlinear_share"] < 0.2) if np.isfinite(row["nonlinear_share"]) else None
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _design(df: pd.DataFrame, features: list[str]) -> tuple[np.ndarray, list[str], dict]:
+    """Features as columns; continuous ones standardised (coefficients per SD)."""
+    cols, names, scale = [], [], {}
+    for f in features:
+        if f not in df:
+            continue
+        x = df[f].astype(float).to_numpy()
+        binary = set(np.unique(x[np.isfinite(x)])) <= {0.0, 1.0}
+        sd = 1.0 if binary else float(np.nanstd(x))
+        if not binary and sd > 0:
+            x = (x - np.nanmean(x)) / sd
+        cols.append(x)
+        names.append(f)
+        scale[f] = sd
+    return (np.column_stack(cols) if cols else np.empty((len(df), 0))), names, scale
+
+
+def regressions(
+    df: pd.DataFrame,
+    features: list[str],
+    cluster_cols: list[str],
+    level: float,
+    interaction: tuple[str, str] | None = None,
+) -> pd.DataFrame:
+    out = []
+    ycols = [c for c in df.columns if c.startswith("influence_") and not c.endswith("_se")]
+    for y in ycols:
+        d = df[np.isfinite(df[y].astype(float))]
+        if len(d) < len(features) + 5:
+            continue
+        X, names, scale = _design(d, features)
+        if interaction and all(c in d for c in interaction):
+            a, b = interaction
+            xa = X[:, names.index(a)] if a in names else d[a].astype(float).to_numpy()
+            xb = X[:, names.index(b)] if b in names else d[b].astype(float).to_numpy()
+            X = np.column_stack([X, (1 - xa) * xb])
+            names = names + [f"(1-{a})*{b}"]
+            scale[names[-1]] = scale.get(b, 1.0)
+        groups = d[cluster_cols].astype(str).agg("/".join, axis=1).to_numpy()
+        try:
+            fit = stats.ols(d[y].to_numpy(), X, names, cov="cluster", groups=groups, level=level)
+        except StepprobeError:
+            fit = stats.ols(d[y].to_numpy(), X, names, cov="HC3", level=level)
+        t = fit.table
+        t.insert(0, "response", y.removeprefix("influence_"))
+        t["feature_sd"] = [scale.get(n, math.nan) for n in t["term"]]
+        t["n"], t["clusters"], t["r2"], t["cov"] = fit.n, fit.groups, fit.r2, fit.cov_type
+        out.append(t)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def log_check(
+    by_ckpt: pd.DataFrame, history: list[dict], key: str, window: int, eta_ref: float, level: float
+) -> pd.DataFrame:
+    steps = np.array([h["step"] for h in history if key in h], dtype=float)
+    vals = np.array([h[key] for h in history if key in h], dtype=float)
+    quantity = "entropy" if key == "entropy" else key
+    pred = by_ckpt[
+        (by_ckpt.quantity == quantity)
+        & (by_ckpt.direction == "full")
+        & np.isclose(by_ckpt.eta, eta_ref)
+    ]
+    est = "snis" if (pred.estimator == "snis").any() else "linear"
+    rows = []
+    for _, r in pred[pred.estimator == est].iterrows():
+        sl = stats.local_slope(steps, vals, float(r.step), window, level)
+        rows.append(
+            {
+                "checkpoint": r.checkpoint,
+                "step": r.step,
+                "estimator": est,
+                "predicted": r["mean"] / eta_ref,
+                "predicted_ci_low": r.ci_low / eta_ref,
+                "predicted_ci_high": r.ci_high / eta_ref,
+                "observed_slope": sl["slope"],
+                "observed_ci_low": sl["ci_low"],
+                "observed_ci_high": sl["ci_high"],
+                "log_points": sl["n"],
+                "log_value": float(np.interp(r.step, steps, vals)) if steps.size else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- driver
+def _costs(summary: dict, eval_samples: int) -> dict:
+    mean = summary.get("timings", {}).get("trial_seconds_mean", {})
+    upd = mean.get("sample_update", 0.0) + mean.get("update", 0.0) + mean.get("load", 0.0)
+    ev = mean.get("sample_eval", 0.0) + mean.get("measure", 0.0) + mean.get("influence", 0.0)
+    if upd <= 0 and ev <= 0:
+        return {"update": 1.0, "eval_sample": 0.0}
+    return {"update": upd, "eval_sample": ev / max(1, eval_samples)}
+
+
+def build_report(out: str | Path) -> Path:
+    """Compute every statistics table, the plots and report.md for the study in ``out``."""
+    from . import plots
+
+    out = Path(out)
+    tables = load_tables(out)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        history = (
+            json.loads((out / "log_history.json").read_text())
+            if (out / "log_history.json").exists()
+            else []
+        )
+    except (OSError, json.JSONDecodeError) as e:
+        raise StepprobeError(f"{out}: unreadable summary.json or log_history.json ({e})") from None
+    cfg = summary["config"]
+    rep = cfg["report"]
+    level = rep["level"]
+    changes = tables["changes"]
+    eval_samples = cfg["evaluation"]["prompts"] * cfg["evaluation"]["per_prompt"]
+    eta_ref = _reference_eta(changes["eta"]) if len(changes) else 1.0
+
+    by_ckpt = changes_by_checkpoint(changes, level)
+    var = variance_table(changes, eta_ref)
+    alloc = allocation_table(
+        var,
+        by_ckpt[np.isclose(by_ckpt.eta, eta_ref)],
+        eval_samples,
+        _costs(summary, eval_samples),
+        rep["target_ci_width"],
+        level,
+    )
+    lin = linearity_table(by_ckpt, eta_ref)
+    seq_upd = (
+        tables["sequences"][tables["sequences"]["role"] == "update"]
+        if len(tables["sequences"])
+        else tables["sequences"]
+    )
+    reg_seq = regressions(
+        seq_upd, SEQ_FEATURES, ["checkpoint", "repeat"], level, interaction=("correct", "prob_min")
+    )
+    reg_tok = (
+        regressions(
+            tables["tokens"],
+            TOKEN_FEATURES,
+            ["checkpoint", "repeat", "seq"],
+            level,
+            interaction=("correct", "prob"),
+        )
+        if len(tables["tokens"])
+        else pd.DataFrame()
+    )
+    check = log_check(by_ckpt, history, rep["log_key"], rep["log_window"], eta_ref, level)
+
+    rdir = out / "report"
+    rdir.mkdir(exist_ok=True)
+    results = {
+        "changes_by_checkpoint": by_ckpt,
+        "variance": var,
+        "allocation": alloc,
+        "linearity": lin,
+        "regression_sequences": reg_seq,
+        "regression_tokens": reg_tok,
+        "log_check": check,
+    }
+    for name, df in results.items():
+        tmp = rdir / f".{name}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(rdir / f"{name}.csv")
+
+    pdir = out / "plots"
+    pdir.mkdir(exist_ok=True)
+    figs = plots.make_all(tables, by_ckpt, history, check, rep["log_key"], rep["log_window"], pdir)
+    text = _markdown(out, cfg, summary, results, figs, eta_ref, level)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "report.md")
+    write_json(rdir / "index.json", {"tables": sorted(results), "plots": [p.name for p in figs]})
+    return out / "report.md"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float | np.floating):
+        if not np.isfinite(v):
+            return "–"
+        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def md_table(df: pd.DataFrame, cols: list[str] | None = None) -> str:
+    if df is None or not len(df):
+        return "_(no rows)_\n"
+    cols = [c for c in (cols or list(df.columns)) if c in df]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df[cols].iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
+    pct = f"{level:.0%}"
+    by = r["changes_by_checkpoint"]
+    head = by[(by.direction == "full") & np.isclose(by.eta, eta_ref)]
+    s = [
+        f"# Study report: {out.name}\n",
+        f"{summary['trials']['finished']} of {summary['trials']['planned']} trials; {len(cfg['checkpoints'])} checkpoint(s) x {cfg['repeats']} repeat(s); "
+        f"update batch {cfg['update']['prompts']}x{cfg['update']['per_prompt']}, evaluation batch {cfg['evaluation']['prompts']}x{cfg['evaluation']['per_prompt']}; "
+        f"git {summary.get('git_commit')}.\n",
+        f"## Expected change per step (η = {eta_ref:g} x lr, full update)\n",
+        f"Mean over repeats with {pct} t intervals; each repeat redraws the update and evaluation batches, so the interval covers both sources of noise.\n",
+        md_table(
+            head,
+            [
+                "checkpoint",
+                "step",
+                "quantity",
+                "estimator",
+                "mean",
+                "ci_low",
+                "ci_high",
+                "n",
+                "mean_within_se",
+            ],
+        ),
+        "## Entropy change: predicted vs the training log\n",
+        f"Predicted per-step change vs the slope of the log's `{cfg['report']['log_key']}` over ±{cfg['report']['log_window']} steps (local linear fit, HC1).\n",
+        md_table(r["log_check"]),
+        "## Variance split (update-batch draws vs evaluation samples)\n",
+        "between_var: variance of per-repeat estimates; eval_var: mean within-repeat se²; update_var = max(0, between - eval).\n",
+        md_table(r["variance"]),
+        "## Allocation: repeats needed for the target interval width\n",
+        md_table(r["allocation"]),
+        "## Linearity (ΔQ(η) = aη + bη², SNIS means over repeats)\n",
+        md_table(r["linearity"]),
+        "## What drives the change: influence regressed on features\n",
+        "Continuous features standardised (coefficient per SD, `feature_sd`); `correct` is 0/1; cluster-robust (CR1) errors by trial (sequences) or by sequence (tokens).\n",
+        "### Update sequences\n",
+        md_table(
+            r["regression_sequences"],
+            ["response", "term", "coef", "se", "ci_low", "ci_high", "p", "n", "clusters"],
+        ),
+        "### Update tokens\n",
+        md_table(
+            r["regression_tokens"],
+            ["response", "term", "coef", "se", "ci_low", "ci_high", "p", "n", "clusters"],
+        ),
+        "## Plots\n",
+        *[f"![{p.stem}](plots/{p.name})\n" for p in figs],
+        "\nTables: sequences.parquet, tokens.parquet, changes.parquet; statistics in report/*.csv; provenance in summary.json.\n",
+    ]
+    return "\n".join(s)

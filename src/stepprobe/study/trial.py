@@ -1,0 +1,189 @@
+"""The trial body: one replay of the next step from one checkpoint, through the public API.
+
+``run_trial(trial)`` loads the checkpoint, draws a fresh update batch U and evaluation
+batch E with the trial's seeds, rebuilds the AdamW update, measures every (quantity,
+estimator, direction, η) and records per-sequence and per-token influences. It returns
+a TrialResult: three DataFrames plus timings, all picklable, so any executor can run it
+in another process and hand the result back to the store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .plan import Trial
+
+TABLES = ("sequences", "tokens", "changes")
+_TORCH_DTYPES = {
+    "float32": "float32",
+    "float64": "float64",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+}
+
+
+@dataclass
+class TrialResult:
+    """A trial's rows for each table (keys of TABLES) and facts that are not table rows."""
+
+    tables: dict[str, pd.DataFrame]
+    info: dict = field(default_factory=dict)  # step, lr, batch sizes, update stats
+    timings: dict = field(default_factory=dict)  # seconds per phase (kept out of the tables)
+
+
+# One checkpoint stays loaded per process: consecutive trials of a checkpoint reuse it.
+_CACHE: dict = {}
+
+
+def _checkpoint(trial: Trial):
+    import torch
+
+    import stepprobe as sp
+
+    cfg = trial.config
+    key = (trial.checkpoint, cfg.get("base_model"), cfg["precision"], cfg["device"])
+    if key not in _CACHE:
+        _CACHE.clear()
+        dtype = getattr(torch, _TORCH_DTYPES[cfg["precision"]])
+        ckpt = sp.load_checkpoint(trial.checkpoint, base_model=cfg.get("base_model"), dtype=dtype)
+        device = cfg["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cpu":
+            ckpt.model.to(device)
+        _CACHE[key] = ckpt
+    return _CACHE[key]
+
+
+def _ids(trial: Trial, info: dict) -> dict:
+    return {
+        "checkpoint": trial.checkpoint_name,
+        "checkpoint_index": trial.checkpoint_index,
+        "step": info.get("step"),
+        "repeat": trial.repeat,
+    }
+
+
+def _with_ids(df: pd.DataFrame, ids: dict) -> pd.DataFrame:
+    df = df.reset_index(drop=True)
+    front = pd.DataFrame({k: [v] * len(df) for k, v in ids.items()})
+    return pd.concat([front, df], axis=1)
+
+
+def _sequence_features(batch, role: str) -> pd.DataFrame:
+    """Batch.table() plus the regression features: token probability mean and minimum."""
+    import torch
+
+    df = batch.table()
+    df.insert(0, "role", role)
+    if batch.token_logps is not None:
+        mask = batch.completion_mask.bool()
+        p = batch.token_logps.double().exp().masked_fill(~mask, 0.0)
+        df["prob_mean"] = (p.sum(1) / mask.sum(1).clamp(min=1)).numpy()
+        df["prob_min"] = (
+            batch.token_logps.double().masked_fill(~mask, torch.inf).min(1).values.exp().numpy()
+        )
+    return df
+
+
+def _influence_column(table: pd.DataFrame) -> pd.Series:
+    for name in ("influence", "estimate", "delta"):
+        if name in table:
+            return table[name]
+    raise KeyError(f"influence table has no influence column: {list(table.columns)}")
+
+
+def run_trial(trial: Trial) -> TrialResult:
+    """One replay: sample U and E, rebuild the update, measure changes and influences."""
+    import torch
+
+    import stepprobe as sp
+
+    cfg = trial.config
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - t
+        return now
+
+    torch.manual_seed(trial.update_seed)  # belt and braces: sample_batch seeds its own draws
+    ckpt = _checkpoint(trial)
+    task = sp.get_task(cfg["task"])
+    t = lap("load", t0)
+    u, e = cfg["update"], cfg["evaluation"]
+    U = sp.sample_batch(
+        ckpt,
+        task,
+        prompts=u["prompts"],
+        per_prompt=u["per_prompt"],
+        seed=trial.update_seed,
+        filter_zero_advantage=u["filter_zero_advantage"],
+    )
+    t = lap("sample_update", t)
+    E = sp.sample_batch(
+        ckpt,
+        task,
+        prompts=e["prompts"],
+        per_prompt=e["per_prompt"],
+        seed=trial.eval_seed,
+        filter_zero_advantage=e["filter_zero_advantage"],
+    )
+    t = lap("sample_eval", t)
+    upd = sp.replay_update(ckpt, U)
+    t = lap("update", t)
+    info = {"step": int(ckpt.step), "lr": float(upd.lr), "update_size": len(U), "eval_size": len(E)}
+    info.update({k: float(v) for k, v in (upd.stats or {}).items() if isinstance(v, int | float)})
+    ids = _ids(trial, info)
+
+    changes = []
+    for q in cfg["quantities"]:
+        for est in cfg["estimators"]:
+            m = sp.measure(
+                ckpt,
+                upd,
+                E,
+                quantity=q,
+                etas=cfg["etas"],
+                estimator=est,
+                directions=cfg["directions"],
+            )
+            tab = m.table.copy()
+            tab["quantity"] = q
+            tab["estimator"] = est
+            changes.append(tab)
+    t = lap("measure", t)
+
+    seqs = pd.concat(
+        [_sequence_features(U, "update"), _sequence_features(E, "eval")], ignore_index=True
+    )
+    toks = U.token_table()
+    for q in cfg["quantities"]:
+        if cfg["influence"]["sequence"]:
+            inf = sp.influence(ckpt, upd, E, quantity=q, level="sequence")
+            vals = _influence_column(inf.table).to_numpy()
+            seqs[f"influence_{q}"] = list(vals) + [float("nan")] * len(E)
+            if "se" in inf.table:
+                seqs[f"influence_{q}_se"] = list(inf.table["se"].to_numpy()) + [float("nan")] * len(
+                    E
+                )
+        if cfg["influence"]["token"]:
+            inf = sp.influence(ckpt, upd, E, quantity=q, level="token")
+            toks[f"influence_{q}"] = _influence_column(inf.table).to_numpy()
+    lap("influence", t)
+
+    ch = pd.concat(changes, ignore_index=True)
+    lead = ["quantity", "estimator"]
+    ch = ch[lead + [c for c in ch.columns if c not in lead]]
+    ch["lr"] = info["lr"]
+    tables = {
+        "sequences": _with_ids(seqs, ids),
+        "tokens": _with_ids(toks if cfg["influence"]["token"] else toks.iloc[0:0], ids),
+        "changes": _with_ids(ch, ids),
+    }
+    timings["total"] = time.perf_counter() - t0
+    return TrialResult(tables=tables, info=info, timings=timings)
