@@ -10,7 +10,9 @@ from rich.console import Console
 
 from .errors import StepprobeError
 
-app = typer.Typer(help="Controlled experiments on single RL fine-tuning steps.", no_args_is_help=True)
+app = typer.Typer(
+    help="Controlled experiments on single RL fine-tuning steps.", no_args_is_help=True
+)
 demo_app = typer.Typer(help="The built-in demo: a tiny GRPO run on CPU.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 console = Console(stderr=True)
@@ -55,7 +57,9 @@ def run_cmd(
     config: str = typer.Argument(..., help="Study config (YAML); see `stepprobe init-config`."),
     out: str = typer.Option(..., "--out", help="Study directory (created, or resumed)."),
     force: bool = typer.Option(
-        False, "--force", help="Adopt a changed config in an existing --out (stale trials are deleted)."
+        False,
+        "--force",
+        help="Adopt a changed config in an existing --out (stale trials are deleted).",
     ),
     executor: str = typer.Option("inprocess", "--executor", help="inprocess (default) or process."),
     workers: int = typer.Option(2, "--workers", help="Worker processes for --executor process."),
@@ -72,7 +76,9 @@ def run_cmd(
 
 @app.command("report")
 @friendly
-def report_cmd(out: str = typer.Argument(..., help="A study directory written by `stepprobe run`.")):
+def report_cmd(
+    out: str = typer.Argument(..., help="A study directory written by `stepprobe run`."),
+):
     """Recompute the statistics, plots and report.md of a study directory."""
     from .study import build_report
 
