@@ -173,3 +173,230 @@ def test_user_weights_wrong_shape_is_an_error():
 def test_bad_hyperparameters_raise(call):
     with pytest.raises(StepprobeError):
         call()
+
+
+# ============================================================================ objectives
+# A tiny fp64 Qwen2 and a batch of 6 sequences: gradients of each variant's objective are
+# checked against the variant's definition written out independently (dapo, on-policy:
+# ℓ = -A' ρ / n_tokens with ρ = exp(log π - log π.detach())). fp64 both ways, same
+# operations up to summation order: tolerance 1e-10 relative.
+from dataclasses import dataclass, replace  # noqa: E402
+
+from stepprobe.batch import Batch  # noqa: E402
+from stepprobe.forward import score_batch  # noqa: E402
+from stepprobe.variants import objectives as obj  # noqa: E402
+
+
+@dataclass
+class _Settings:
+    """The RunSettings fields loss.py reads."""
+
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
+    importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = True
+    temperature: float = 1.0
+    max_completion_length: int = 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=11,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).double().eval()
+    g = torch.Generator().manual_seed(0)
+    n, p, c = 6, 3, 5
+    prompt_ids = torch.randint(1, 11, (n, p), generator=g)
+    prompt_mask = torch.ones(n, p, dtype=torch.long)
+    completion_ids = torch.randint(1, 11, (n, c), generator=g)
+    lengths = torch.tensor([5, 3, 4, 5, 2, 4])
+    completion_mask = (torch.arange(c) < lengths.unsqueeze(1)).long()
+    adv = torch.tensor([1.2, -0.4, -0.8, 0.9, -0.3, -0.6], dtype=torch.float64)
+    batch = Batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv)
+    return model, batch
+
+
+def _grad(model, loss):
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, ps)])
+
+
+def _reference(model, batch, token_advantage, extra=None):
+    """-Σ A'_{i,t} ρ_{i,t} / n_tokens (+ extra), the dapo loss with per-token advantages."""
+    lp = score_batch(model, batch, entropy=False).logps
+    mask = batch.completion_mask.double()
+    rho = torch.exp(lp - lp.detach())
+    loss = -(token_advantage * rho * mask).sum() / mask.sum()
+    if extra is not None:
+        loss = loss + extra(lp) / mask.sum()
+    return loss
+
+
+def _close(a, b, rel=1e-10):
+    assert (a - b).norm() <= rel * b.norm(), f"rel err {((a - b).norm() / b.norm()).item():.2e}"
+
+
+def _variant_grad(model, batch, spec, settings=None):
+    prep = obj.prepare(spec, model, batch, settings or _Settings())
+    return prep, _grad(model, prep.objective(model, prep.batch, prep.settings).sum())
+
+
+def test_baseline_objective_is_the_run_loss(tiny):
+    from stepprobe.loss import token_losses
+
+    model, batch = tiny
+    prep = obj.prepare("baseline", model, batch, _Settings())
+    assert torch.equal(
+        prep.objective(model, prep.batch, prep.settings), token_losses(model, batch, _Settings())
+    )
+
+
+def test_advantage_reweight_objective_matches_definition(tiny):
+    model, batch = tiny
+    _, g = _variant_grad(model, batch, {"preset": "advantage_reweight", "alpha": 0.3})
+    with torch.no_grad():
+        p_old = score_batch(model, batch, entropy=False).logps.exp()
+    a = (0.3 * p_old + 0.7) * batch.advantages.unsqueeze(1)
+    _close(g, _grad(model, _reference(model, batch, a)))
+
+
+def test_w_reinforce_objective_matches_definition(tiny):
+    model, batch = tiny
+    _, g = _variant_grad(model, batch, "w_reinforce")
+    adv = batch.advantages
+    a = torch.where(adv > 0, 0.1 * adv, adv).unsqueeze(1).expand(-1, 5)
+    _close(g, _grad(model, _reference(model, batch, a)))
+
+
+def test_clip_cov_objective_drops_the_drawn_tokens_only(tiny):
+    model, batch = tiny
+    prep, g = _variant_grad(
+        model, batch, {"preset": "clip_cov", "ratio": 0.1, "low": 0.0, "high": 100.0, "seed": 4}
+    )
+    n_tok = int(batch.completion_mask.sum())  # 23: floor(0.1 * 23) = 2 detached
+    assert prep.info == {"detached": 2, "tokens": n_tok}
+    w = rules.clip_cov_weights(
+        obj.token_state(model, batch, _Settings()).logps,
+        obj.token_state(model, batch, _Settings()).logps,
+        batch.advantages,
+        batch.completion_mask,
+        ratio=0.1,
+        low=0.0,
+        high=100.0,
+        seed=4,
+    )
+    a = w * batch.advantages.unsqueeze(1)  # detached tokens: no term, normaliser unchanged
+    _close(g, _grad(model, _reference(model, batch, a)))
+    _, g_base = _variant_grad(model, batch, "baseline")
+    assert (g - g_base).norm() > 1e-3 * g_base.norm(), "the draw changed the gradient"
+
+
+def test_kl_cov_is_inert_on_policy_and_acts_off_policy(tiny):
+    model, batch = tiny
+    # On-policy (no old log-probs): |log π - log π_old| has zero gradient, the update is the run's.
+    prep, g = _variant_grad(model, batch, {"preset": "kl_cov", "ratio": 0.2})
+    assert prep.info["selected"] == 4 and prep.info["on_policy"]  # floor(0.2 * 23) = 4
+    _, g_base = _variant_grad(model, batch, "baseline")
+    assert torch.equal(g, g_base)
+    # Off-policy: the run's clipped loss plus β |log π - log π_old| / n_tokens on the selection.
+    with torch.no_grad():
+        lp0 = score_batch(model, batch, entropy=False).logps
+    noise = 0.05 * torch.randn(
+        lp0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    off = replace(batch, old_logps=(lp0 + noise) * batch.completion_mask)
+    prep, g = _variant_grad(model, off, {"preset": "kl_cov", "ratio": 0.2, "coef": 2.0})
+    sel = rules.kl_cov_select(lp0, off.advantages, off.completion_mask, ratio=0.2)
+    mask = off.completion_mask.double()
+
+    def reference(lp):
+        rho = torch.exp(lp - off.old_logps)
+        a = off.advantages.unsqueeze(1)
+        pg = -torch.min(rho * a, rho.clamp(0.8, 1.2) * a)
+        return ((pg + 2.0 * sel * (lp - off.old_logps).abs()) * mask).sum() / mask.sum()
+
+    _close(g, _grad(model, reference(score_batch(model, off, entropy=False).logps)))
+    _, g_base = _variant_grad(model, off, "baseline")
+    assert (g - g_base).norm() > 1e-3 * g_base.norm()
+
+
+def test_user_weight_variant(tiny):
+    model, batch = tiny
+    _, g = _variant_grad(model, batch, "weights:test_variants:double_positive")
+    a = torch.where(batch.advantages > 0, 2.0, 1.0).unsqueeze(1) * batch.advantages.unsqueeze(1)
+    _close(g, _grad(model, _reference(model, batch, a.expand(-1, 5))))
+
+
+def test_settings_variant_is_the_run_loss_with_those_settings(tiny):
+    from stepprobe.loss import token_losses
+
+    model, batch = tiny
+    for spec, change in [
+        ("entropy_bonus", {"entropy_coef": 1e-3}),
+        ("high_entropy", {"top_entropy_quantile": 0.2}),
+        ("bnpo", {"loss_type": "bnpo"}),
+        ("epsilon_high=0.3", {"epsilon_high": 0.3}),
+    ]:
+        prep = obj.prepare(spec, model, batch, _Settings())
+        expected = token_losses(model, batch, replace(_Settings(), **change))
+        assert torch.equal(prep.objective(model, prep.batch, _Settings()), expected), spec
+
+
+def test_removal_drops_exactly_those_terms(tiny):
+    model, batch = tiny
+    base = obj.prepare("baseline", model, batch, _Settings())
+    rem = obj.prepare(
+        {"kind": "remove", "name": "rm", "sequences": [1], "tokens": [[0, 2]]},
+        model,
+        batch,
+        _Settings(),
+    )
+    lb = base.objective(model, base.batch, _Settings())
+    lr = rem.objective(model, rem.batch, _Settings())
+    keep = torch.ones_like(lb)
+    keep[1] = 0
+    keep[0, 2] = 0
+    assert torch.equal(lr, lb * keep)
+
+
+def test_weights_follow_rows_through_select(tiny):
+    model, batch = tiny
+    prep = obj.prepare("w_reinforce", model, batch, _Settings())
+    nib = float(batch.completion_mask.sum())
+    full = prep.objective(model, prep.batch, prep.settings, num_items_in_batch=nib)
+    sub = prep.objective(model, prep.batch.select([3, 1]), prep.settings, num_items_in_batch=nib)
+    torch.testing.assert_close(sub, full[[3, 1]], rtol=1e-12, atol=1e-14)
+    with pytest.raises(StepprobeError, match="without 'variant_row' ids"):
+        prep.objective(model, batch.select([3, 1]), prep.settings)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("nonsense", "expected a preset"),
+        ({"kind": "frobnicate", "name": "x"}, "unknown kind"),
+        ("loss_type=cispo", "loss_type 'cispo'"),
+        ({"kind": "settings", "name": "x", "gamma": 1}, r"settings \['gamma'\] not supported"),
+        ({"kind": "remove", "name": "x", "sequences": [99]}, "sequence 99 outside the batch"),
+    ],
+)
+def test_bad_variant_specs(tiny, spec, match):
+    model, batch = tiny
+    with pytest.raises(StepprobeError, match=match):
+        obj.prepare(spec, model, batch, _Settings())

@@ -1,0 +1,403 @@
+"""A `Variant` made into an objective: per-token losses for ``replay_update(..., objective=)``.
+
+An objective has loss.py's signature, ``objective(model, batch, settings, params=None) ->
+[N, C]``, so update.py replays it exactly as it replays the run's own loss: its own
+gradient, hence its own clip factor and Adam denominator.
+
+Every variant is the run's own rule with one change, so a paired comparison isolates that
+change. loss.py writes ℓ_{i,t} = p_{i,t}·(policy term) + k_{i,t}·β·KL - e_{i,t}·h_{i,t} with
+per-token weights (``TokenWeights``: mask, entropy mask, loss normaliser); variants act on
+those weights:
+
+- ``settings``: the run's loss with changed settings (entropy_coef, top_entropy_quantile,
+  epsilon_high/low, loss_type, beta...). TRL implements these itself.
+- token weights w_{i,t} fixed at θ (``clip_cov``, ``advantage_reweight``, ``w_reinforce``,
+  ``weights``): p' = w p, KL and entropy bonus untouched. ``remove`` scales all three
+  (the whole ℓ_{i,t}, which is what the per-token influence δQ_{i,t} attributes).
+- ``kl_cov``: ℓ' = ℓ + k_{i,t} β |log π - log π_old| on the selected tokens: the reference
+  adds the term before its aggregation, so it is normalised like the KL term.
+
+Weights and selections are computed once, at θ, and held fixed: the objective is then a
+smooth function of the parameters (what jvp/vmap and the replay need), and a seeded random
+draw (Clip-Cov) is made once. They follow their rows through ``Batch.select`` by a row id
+in ``meta`` (see ``with_rows``), so micro-batched replays see the right weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..batch import Batch
+from ..errors import StepprobeError
+from ..forward import score, score_batch
+from . import rules
+
+Objective = Callable[..., torch.Tensor]
+
+# Named presets: kind and default parameters (sources in rules.py's docstring).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("baseline", {}),
+    "clip_cov": (
+        "clip_cov",
+        {
+            "ratio": rules.CLIP_COV_RATIO,
+            "low": rules.CLIP_COV_LOW,
+            "high": rules.CLIP_COV_HIGH,
+            "seed": 0,
+        },
+    ),
+    "kl_cov": ("kl_cov", {"ratio": rules.KL_COV_RATIO, "coef": rules.KL_COV_COEF}),
+    "advantage_reweight": ("advantage_reweight", {"alpha": rules.AR_ALPHA}),
+    "w_reinforce": ("w_reinforce", {"lam": rules.W_REINFORCE_LAMBDA}),
+    # arXiv 2506.01939 trains on the top 20 % highest-entropy tokens.
+    "high_entropy": ("settings", {"top_entropy_quantile": 0.2}),
+    # DAPO's clip-higher (arXiv 2503.14476): ε_high = 0.28.
+    "clip_higher": ("settings", {"epsilon_high": 0.28}),
+    # verl's historical default entropy_coeff.
+    "entropy_bonus": ("settings", {"entropy_coef": 1e-3}),
+}
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what loss.py reproduces
+KINDS = (
+    "baseline",
+    "settings",
+    "clip_cov",
+    "kl_cov",
+    "advantage_reweight",
+    "w_reinforce",
+    "weights",
+    "remove",
+)
+SETTING_KEYS = (
+    "loss_type",
+    "beta",
+    "epsilon_low",
+    "epsilon_high",
+    "delta",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "importance_sampling_level",
+    "use_bias_correction_kl",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An update rule: ``kind`` plus its parameters (see the module docstring)."""
+
+    name: str
+    kind: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise StepprobeError(
+                f"variant '{self.name}': unknown kind {self.kind!r}; expected one of {list(KINDS)}"
+            )
+        if self.kind == "settings":
+            bad = sorted(set(self.params) - set(SETTING_KEYS))
+            if bad or not self.params:
+                raise StepprobeError(
+                    f"variant '{self.name}': settings {bad or '(none)'} not supported; expected some of {list(SETTING_KEYS)}"
+                )
+            lt = self.params.get("loss_type")
+            if lt is not None and lt not in LOSS_TYPES:
+                raise StepprobeError(
+                    f"variant '{self.name}': loss_type {lt!r}; expected one of {list(LOSS_TYPES)}"
+                )
+
+
+def parse_variant(spec) -> Variant:
+    """A variant from a config entry.
+
+    Strings: a preset name (``clip_cov``, ``kl_cov``, ``advantage_reweight``, ``w_reinforce``,
+    ``high_entropy``, ``clip_higher``, ``entropy_bonus``, ``baseline``), a loss type
+    (``bnpo``...), ``key=value`` for one setting (``epsilon_high=0.3``) or
+    ``weights:module:function``. Mappings: ``{name, kind or preset, **params}``; preset
+    defaults are overridden by the given params.
+    """
+    if isinstance(spec, Variant):
+        return spec
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            kind, params = PRESETS[spec]
+            return Variant(spec, kind, dict(params))
+        if spec in LOSS_TYPES:
+            return Variant(spec, "settings", {"loss_type": spec})
+        if spec.startswith("weights:"):
+            return Variant(spec, "weights", {"fn": spec.split(":", 1)[1]})
+        if "=" in spec:
+            key, _, value = spec.partition("=")
+            return Variant(spec, "settings", {key.strip(): _literal(value.strip())})
+        raise StepprobeError(
+            f"variant {spec!r}: expected a preset {sorted(PRESETS)}, a loss type {list(LOSS_TYPES)}, "
+            "'key=value' or 'weights:module:function'"
+        )
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        base = spec.pop("preset", None) or spec.get("kind")
+        name = spec.pop("name", None) or base
+        kind = spec.pop("kind", None)
+        if base in PRESETS:
+            kind0, params = PRESETS[base]
+            kind = kind or kind0
+            params = {**params, **spec}
+        else:
+            params = spec
+        if kind is None or name is None:
+            raise StepprobeError(
+                f"variant {spec!r}: needs 'kind' (one of {list(KINDS)}) or 'preset' (one of {sorted(PRESETS)})"
+            )
+        return Variant(str(name), kind, params)
+    raise StepprobeError(f"variant: expected a string or a mapping, got {type(spec).__name__}")
+
+
+def _literal(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"none": None, "null": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+# --------------------------------------------------------------------- settings helpers
+def with_settings(settings, **changes):
+    """A copy of RunSettings with ``changes`` (dataclass, pydantic model or plain object)."""
+    if not changes:
+        return settings
+    if dataclasses.is_dataclass(settings):
+        return dataclasses.replace(settings, **changes)
+    if hasattr(settings, "model_copy"):
+        return settings.model_copy(update=changes)
+    import copy
+
+    out = copy.copy(settings)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+# --------------------------------------------------------------------- state at θ
+def token_state(model, batch: Batch, settings) -> rules.TokenState:
+    """log π, log π_old (log π when the batch is on-policy), entropy and A per token at θ."""
+    with torch.no_grad():
+        s = score_batch(model, batch, temperature=float(settings.temperature), entropy=True)
+    logps = s.logps.detach()
+    old = batch.old_logps.to(logps.dtype) if batch.old_logps is not None else logps
+    mask = batch.completion_mask
+    adv = batch.advantages.to(logps.dtype).unsqueeze(1).expand_as(logps) * mask.to(logps.dtype)
+    return rules.TokenState(
+        logps=logps, old_logps=old, entropy=s.entropy.detach(), advantages=adv, mask=mask
+    )
+
+
+# --------------------------------------------------------------------- objectives
+ROW_KEY = "variant_row"
+
+
+def with_rows(batch: Batch) -> Batch:
+    """The batch with a row id per sequence in ``meta``, so that per-token weights fixed on
+    the whole batch follow its rows through ``Batch.select`` (micro-batches, sub-batches)."""
+    return dataclasses.replace(batch, meta={**batch.meta, ROW_KEY: list(range(len(batch)))})
+
+
+def _rows(batch: Batch, n_full: int) -> torch.Tensor:
+    rows = batch.meta.get(ROW_KEY)
+    if rows is None:
+        if len(batch) != n_full:
+            raise StepprobeError(
+                f"variant objective: batch of {len(batch)} rows without '{ROW_KEY}' ids; "
+                f"expected the prepared batch ({n_full} rows) or a select() of it"
+            )
+        return torch.arange(n_full)
+    return torch.as_tensor(rows, dtype=torch.long)
+
+
+def make_objective(
+    settings, n_rows: int, policy=None, scope: str = "policy", extra=None
+) -> Objective:
+    """Per-token losses of the run's rule under ``settings``, with the variant's change.
+
+    ``policy`` [n_rows, C]: multiplies the per-token weights TRL's loss gives the policy
+    term (scope "policy") or every term (scope "all"); ``extra(logps, kl_weight, rows)``:
+    an added per-token term, normalised like TRL's KL term (mask / loss normaliser).
+    Same signature as ``loss.token_losses``: one forward pass.
+    """
+    from ..loss import TokenWeights, needs_entropy, token_terms, token_weights
+
+    if scope not in ("policy", "all"):
+        raise StepprobeError(f"variant objective: scope {scope!r}; expected 'policy' or 'all'")
+
+    def objective(
+        model,
+        batch,
+        _settings=None,
+        params=None,
+        weights=None,
+        accumulation=1,
+        steps_per_generation=1,
+        num_items_in_batch=None,
+        dtype=None,
+    ):
+        s = score(
+            model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            temperature=settings.temperature,
+            params=params,
+            entropy=needs_entropy(settings),
+            dtype=dtype,
+        )
+        # Weights handed in were computed under the caller's settings; a variant that changes
+        # settings (normaliser, entropy mask, bonus) recomputes its own.
+        if weights is None or (_settings is not None and _settings != settings):
+            weights = token_weights(
+                batch,
+                settings,
+                accumulation=accumulation,
+                steps_per_generation=steps_per_generation,
+                num_items_in_batch=num_items_in_batch,
+                entropy=s.entropy,
+                dtype=s.logps.dtype,
+            )
+        rows = _rows(batch, n_rows)
+        if policy is not None:
+            w = policy[rows].to(weights.policy.dtype)
+            if scope == "policy":
+                weights = TokenWeights(w * weights.policy, weights.kl, weights.entropy)
+            else:
+                ent = None if weights.entropy is None else w * weights.entropy
+                weights = TokenWeights(w * weights.policy, w * weights.kl, ent)
+        out = token_terms(
+            s.logps,
+            s.entropy,
+            batch.completion_mask,
+            batch.advantages,
+            weights,
+            settings,
+            old_logps=batch.old_logps,
+            ref_logps=batch.ref_logps,
+        )
+        if extra is not None:
+            out = out + extra(s.logps, weights.kl, rows) * batch.completion_mask.to(out.dtype)
+        return out
+
+    objective.settings = settings
+    return objective
+
+
+@dataclass
+class Prepared:
+    """A variant ready to replay: its objective, the batch to replay it on (``batch`` with
+    row ids), the settings it runs under and what it did (``info``)."""
+
+    variant: Variant
+    objective: Objective
+    batch: Batch
+    settings: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(variant, model, batch: Batch, settings) -> Prepared:
+    """Fix the variant's weights/selections at θ (the model's current parameters)."""
+    v = parse_variant(variant)
+    p = dict(v.params)
+    n = len(batch)
+    rb = with_rows(batch)
+    if v.kind == "baseline":
+        return Prepared(v, make_objective(settings, n), rb, settings)
+    if v.kind == "settings":
+        s = with_settings(settings, **p)
+        return Prepared(v, make_objective(s, n), rb, s, {"settings": p})
+    state = token_state(model, batch, settings)
+    mask = state.mask
+    if v.kind == "clip_cov":
+        eps_high = (
+            settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon_low
+        )
+        w = rules.clip_cov_weights(
+            state.logps,
+            state.old_logps,
+            batch.advantages,
+            mask,
+            ratio=float(p.get("ratio", rules.CLIP_COV_RATIO)),
+            low=float(p.get("low", rules.CLIP_COV_LOW)),
+            high=float(p.get("high", rules.CLIP_COV_HIGH)),
+            epsilon_low=float(settings.epsilon_low),
+            epsilon_high=float(eps_high),
+            seed=int(p.get("seed", 0)),
+        )
+        info = {"detached": int((w[mask.bool()] == 0).sum()), "tokens": int(mask.sum())}
+        return Prepared(v, make_objective(settings, n, policy=w), rb, settings, info)
+    if v.kind == "kl_cov":
+        ratio = float(p.get("ratio", rules.KL_COV_RATIO))
+        coef = float(p.get("coef", rules.KL_COV_COEF))
+        sel = rules.kl_cov_select(state.logps, batch.advantages, mask, ratio=ratio)
+        old = state.old_logps
+
+        def extra(logps, kl_weight, rows):
+            pen = rules.kl_cov_penalty(logps, old[rows].to(logps.dtype), sel[rows], coef)
+            return pen * kl_weight
+
+        info = {
+            "selected": int(sel.sum()),
+            "tokens": int(mask.sum()),
+            "on_policy": batch.old_logps is None,
+        }
+        return Prepared(v, make_objective(settings, n, extra=extra), rb, settings, info)
+    if v.kind == "advantage_reweight":
+        w = rules.advantage_reweight(
+            state.old_logps, mask, alpha=float(p.get("alpha", rules.AR_ALPHA))
+        )
+        return Prepared(v, make_objective(settings, n, policy=w), rb, settings)
+    if v.kind == "w_reinforce":
+        w = rules.w_reinforce(
+            batch.advantages, mask, lam=float(p.get("lam", rules.W_REINFORCE_LAMBDA))
+        )
+        return Prepared(v, make_objective(settings, n, policy=w), rb, settings)
+    if v.kind == "weights":
+        fn = p.get("fn")
+        fn = rules.load_callable(fn) if isinstance(fn, str) else fn
+        if not callable(fn):
+            raise StepprobeError(
+                f"variant '{v.name}': 'fn' must be 'module:function' or a callable, got {fn!r}"
+            )
+        w = rules.user_weights(fn, state, batch)
+        return Prepared(
+            v, make_objective(settings, n, policy=w, scope=p.get("scope", "policy")), rb, settings
+        )
+    if v.kind == "remove":
+        w = removal_weights(batch, sequences=p.get("sequences", ()), tokens=p.get("tokens", ()))
+        return Prepared(
+            v, make_objective(settings, n, policy=w, scope="all"), rb, settings, {"removed": p}
+        )
+    raise StepprobeError(f"variant '{v.name}': kind {v.kind!r} not handled")  # pragma: no cover
+
+
+def removal_weights(batch: Batch, sequences=(), tokens=()) -> torch.Tensor:
+    """1 on every real token except the removed sequences' and the removed (i, t) tokens.
+
+    Removing by weight keeps every normaliser (num_items_in_batch, lengths, N) as in the
+    full batch, so the only change is the dropped loss terms, as the influence predicts.
+    """
+    mask = batch.completion_mask
+    n, c = mask.shape
+    w = mask.to(torch.float64).clone()
+    for i in sequences:
+        if not 0 <= int(i) < n:
+            raise StepprobeError(f"remove: sequence {i} outside the batch (0..{n - 1})")
+        w[int(i)] = 0.0
+    for i, t in tokens:
+        if not (0 <= int(i) < n and 0 <= int(t) < c) or not mask[int(i), int(t)]:
+            raise StepprobeError(
+                f"remove: token ({i}, {t}) is not a real completion token of the batch"
+            )
+        w[int(i), int(t)] = 0.0
+    return w
