@@ -1,0 +1,329 @@
+"""First-order step change: the score-function gradient ∇Q and influences η·lr·∇Q·v_i.
+
+MATH.md §3. ∇Q on E comes from ONE backward through a surrogate whose gradient is
+
+    ∇Q = Σ_j ∇term_j,  term_j = c_j [ a_j(θ) + (a_j - ā_g) log π_θ(y_j) ]   (ratio: delta method)
+
+with the per-group SNIS normalisation of measure.py (it is the η-derivative of that
+estimator at 0). Then, for the update's per-sequence parts v_i = P ⊙ g_i:
+
+- dot products ∇Q·v_i for every update sequence (Update.sequence_parts), and the
+  (eval sequence x update sequence) matrix from per-eval-sequence gradients ∇term_j;
+- per-token influences of every update token by ONE jvp of the per-token losses along
+  u = ∇Q ⊙ P (memory O(P)); summed per sequence they give the per-sequence influences.
+
+A plain jvp of Q's surrogate along v (``linear_jvp``) is kept as the cross-check.
+Every jvp runs under the math SDPA kernel: fused kernels have no forward-mode AD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .batch import Batch
+from .errors import StepprobeError
+from .measure import Z95, default_noise, forward_parts, group_index, trainable
+from .quantities import get_quantity
+
+Params = Mapping[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Force SDPA's math kernel (differentiable in forward mode); eager attention is unaffected."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+# --------------------------------------------------------------------------- the surrogate
+@dataclass
+class Surrogate:
+    """Constants of the surrogate at θ: term_j = alpha_j a_j + beta_j b_j + gamma_j log π_j."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    gamma: torch.Tensor
+    value: float  # Q̂(θ)
+    groups: torch.Tensor
+
+
+@torch.no_grad()
+def surrogate(model, E: Batch, quantity, temperature: float, dtype=None) -> Surrogate:
+    q = get_quantity(quantity)
+    parts = forward_parts(model, E, [q], temperature, None, dtype)
+    a, b = parts[q.name]
+    a = a.double()
+    b = torch.ones_like(a) if b is None else b.double()
+    g = group_index(E)
+    G = int(g.max()) + 1
+    n = torch.bincount(g, minlength=G).double()
+    u = 1.0 / n[g]
+    abar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * a)
+    bbar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * b)
+    A0, B0 = abar.mean(), bbar.mean()
+    Q0 = A0 / B0
+    alpha = u / (G * B0)
+    beta = -Q0 * alpha if q.ratio else torch.zeros_like(alpha)
+    gamma = alpha * ((a - abar[g]) - (Q0 * (b - bbar[g]) if q.ratio else 0.0))
+    return Surrogate(alpha, beta, gamma, float(Q0), g)
+
+
+def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None) -> torch.Tensor:
+    parts = forward_parts(model, E, [q], temperature, params, dtype)
+    a, b = parts[q.name]
+    dt = s.alpha.dtype
+    out = s.alpha.to(a.dtype) * a + s.gamma.to(a.dtype) * parts["_logp"]
+    if b is not None:
+        out = out + s.beta.to(a.dtype) * b
+    return out.to(dt) if a.dtype == dt else out
+
+
+def score_gradient(
+    model, E: Batch, quantity, temperature: float = 1.0, theta: Params | None = None, dtype=None
+):
+    """(∇Q as a module-name dict, Q̂(θ)) by one backward over E."""
+    q = get_quantity(quantity)
+    theta = dict(theta) if theta is not None else trainable(model)
+    s = surrogate(model, E, q, temperature, dtype)
+    keys = list(theta)
+    prim = tuple(theta[k].detach() for k in keys)
+
+    def f(*ps):
+        return _terms(model, E, q, temperature, dict(zip(keys, ps, strict=True)), s, dtype).sum()
+
+    grads = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
+    return dict(zip(keys, grads, strict=True)), s.value
+
+
+def linear_jvp(
+    model,
+    E: Batch,
+    quantity,
+    direction: Params,
+    temperature: float = 1.0,
+    theta: Params | None = None,
+    dtype=None,
+):
+    """∇Q·v by one jvp of the surrogate along v (cross-check of the backward + dot path).
+
+    Returns (∇Q·v, per-eval-sequence contributions [M]).
+    """
+    q = get_quantity(quantity)
+    theta = dict(theta) if theta is not None else trainable(model, list(direction))
+    s = surrogate(model, E, q, temperature, dtype)
+    keys = list(theta)
+    prim = tuple(theta[k].detach() for k in keys)
+    tan = tuple(
+        direction[k].to(theta[k].dtype) if k in direction else torch.zeros_like(theta[k])
+        for k in keys
+    )
+
+    def f(*ps):
+        return _terms(model, E, q, temperature, dict(zip(keys, ps, strict=True)), s, dtype)
+
+    with math_attention():
+        _, dterms = torch.func.jvp(f, prim, tan)
+    return float(dterms.sum()), dterms
+
+
+def per_sequence_gradients(
+    model,
+    E: Batch,
+    quantity,
+    temperature: float = 1.0,
+    theta: Params | None = None,
+    chunk: int = 16,
+    dtype=None,
+):
+    """∇term_j for every eval sequence j (module-name dict of [M, *shape]); Σ_j = ∇Q.
+
+    Each sequence is scored on its own, by vmap over chunks of ``chunk`` sequences.
+    """
+    q = get_quantity(quantity)
+    theta = dict(theta) if theta is not None else trainable(model)
+    s = surrogate(model, E, q, temperature, dtype)
+    keys = list(theta)
+    prim = tuple(theta[k].detach() for k in keys)
+    rew = E.rewards if E.rewards is not None else torch.zeros(len(E))
+
+    def one(ps, pi, pm, ci, cm, r, al, be, ga):
+        row = Batch(
+            pi[None], pm[None], ci[None], cm[None], torch.zeros(1, dtype=r.dtype), rewards=r[None]
+        )
+        sj = Surrogate(al[None], be[None], ga[None], s.value, torch.zeros(1, dtype=torch.long))
+        return _terms(model, row, q, temperature, dict(zip(keys, ps, strict=True)), sj, dtype).sum()
+
+    g = torch.func.grad(one)
+    vg = torch.func.vmap(g, in_dims=(None, 0, 0, 0, 0, 0, 0, 0, 0))
+    outs = []
+    for lo in range(0, len(E), chunk):
+        sl = slice(lo, lo + chunk)
+        outs.append(vg(prim, E.prompt_ids[sl], E.prompt_mask[sl], E.completion_ids[sl], E.completion_mask[sl],
+                       rew[sl], s.alpha[sl], s.beta[sl], s.gamma[sl]))  # fmt: skip
+    return {k: torch.cat([o[i] for o in outs]) for i, k in enumerate(keys)}
+
+
+def token_jvp(
+    token_losses: Callable[[dict], torch.Tensor], theta: Params, u: Params
+) -> torch.Tensor:
+    """∇ℓ_{i,t}·u for every update token [N, C], by one jvp of the per-token losses along u."""
+    keys = list(theta)
+    prim = tuple(theta[k].detach() for k in keys)
+    tan = tuple(u[k].to(theta[k].dtype) if k in u else torch.zeros_like(theta[k]) for k in keys)
+
+    def f(*ps):
+        return token_losses(dict(zip(keys, ps, strict=True)))
+
+    with math_attention():
+        _, out = torch.func.jvp(f, prim, tan)
+    return out
+
+
+def dot(a: Params, b: Params) -> torch.Tensor:
+    """Σ_k a_k·b_k over shared names (b may carry a leading batch dim: returns [n])."""
+    out = None
+    for k, x in a.items():
+        if k not in b:
+            continue
+        y = b[k].to(x.dtype)
+        t = (y.reshape(y.shape[0], -1) @ x.reshape(-1)) if y.dim() > x.dim() else (x * y).sum()
+        out = t if out is None else out + t
+    if out is None:
+        raise StepprobeError("no shared parameter names between the gradient and the direction")
+    return out
+
+
+def cluster_se(contrib: torch.Tensor, groups: torch.Tensor, noise: str) -> torch.Tensor:
+    """SE of Σ_j contrib_j (contrib [M] or [M, K]) over evaluation samples, by group."""
+    c = contrib.double().reshape(contrib.shape[0], -1)
+    G = int(groups.max()) + 1
+    cg = torch.zeros(G, c.shape[1], dtype=c.dtype).index_add_(0, groups, c)
+    if noise == "prompts":
+        if G < 2:
+            raise StepprobeError(
+                "noise='prompts' needs at least 2 prompt groups; use noise='completions'"
+            )
+        var = G * cg.var(0)
+    elif noise == "completions":
+        n = torch.bincount(groups, minlength=G).double()
+        dev = c - (cg / n[:, None])[groups]
+        var = ((n / (n - 1).clamp(min=1))[groups, None] * dev**2).sum(0)
+    else:
+        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
+    return var.sqrt().reshape(contrib.shape[1:])
+
+
+# --------------------------------------------------------------------------- Checkpoint + Update
+@dataclass
+class Influence:
+    """``table``: one row per update sequence (or token); ``matrix``: [M eval, N update] or None.
+
+    ``baseline`` / ``full``: (influence, se) of the baseline b and of the whole v.
+    """
+
+    table: pd.DataFrame
+    matrix: torch.Tensor | None
+    baseline: tuple[float, float]
+    full: tuple[float, float]
+    value: float  # Q̂(θ)
+    grad: dict | None = None
+
+
+def influence(
+    ckpt,
+    update,
+    E: Batch,
+    quantity="entropy",
+    level: str = "sequence",
+    eta: float = 1.0,
+    matrix: bool = True,
+    se: bool = True,
+    noise: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Influence:
+    """δQ_i = η·lr·∇Q·v_i for every update sequence (or token t of sequence i).
+
+    ``level="sequence"``: dot products with Update.sequence_parts; with ``matrix``/``se``
+    the (eval x update) matrix from per-eval-sequence gradients gives the standard errors.
+    ``level="token"``: one jvp of Update.token_losses along u = ∇Q ⊙ P; with ``se`` one
+    more jvp per prompt group (per eval sequence for noise="completions").
+    """
+    if level not in ("sequence", "token"):
+        raise StepprobeError(f"level={level!r}; expected 'sequence' or 'token'")
+    q = get_quantity(quantity)
+    model, temp = ckpt.model, float(ckpt.settings.temperature)
+    scale = float(eta) * float(update.lr)
+    to_module = getattr(ckpt, "to_module", lambda d: dict(d))
+    vec, base, P = to_module(update.vector), to_module(update.baseline), to_module(update.precond)
+    theta = trainable(model, list(vec))
+    grad, value = score_gradient(model, E, q, temp, theta, dtype)
+    g = group_index(E)
+    noise = noise or default_noise(g)
+    ubatch = update.batch
+    if level == "sequence":
+        parts = to_module(update.sequence_parts())
+        inf = scale * dot(grad, parts)
+        mat = None
+        if matrix or se:
+            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype)
+            mat = scale * torch.stack(
+                [dot({k: per[k][j] for k in per}, parts) for j in range(len(E))]
+            )
+        sev = cluster_se(mat, g, noise) if se else torch.full_like(inf, float("nan"))
+        table = (
+            ubatch.table() if hasattr(ubatch, "table") else pd.DataFrame({"seq": range(len(inf))})
+        )
+        table["influence"] = inf.double().numpy()
+        table["se"] = sev.double().numpy()
+        extra_mat = mat if matrix else None
+        full_b = [dot(grad, vec), dot(grad, base)]
+        if se:
+            per_v = torch.stack([dot({k: per[k][j] for k in per}, vec) for j in range(len(E))])
+            per_b = torch.stack([dot({k: per[k][j] for k in per}, base) for j in range(len(E))])
+            ses = [
+                float(cluster_se(scale * per_v, g, noise)),
+                float(cluster_se(scale * per_b, g, noise)),
+            ]
+        else:
+            ses = [float("nan")] * 2
+    else:
+        u = {k: grad[k] * P[k].to(grad[k].dtype) for k in grad if k in P}
+        tok = scale * token_jvp(update.token_losses, theta, u)
+        mask = ubatch.completion_mask.bool()
+        sev = torch.full_like(tok, float("nan"))
+        if se:
+            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype)
+            cl = g if noise == "prompts" else torch.arange(len(E))
+            K = int(cl.max()) + 1
+            contrib = []
+            for c in range(K):
+                idx = (cl == c).nonzero().flatten()
+                uc = {k: per[k][idx].sum(0) * P[k].to(per[k].dtype) for k in per if k in P}
+                contrib.append(scale * token_jvp(update.token_losses, theta, uc))
+            contrib = torch.stack(contrib)  # [K, N, C] per-cluster sums
+            sev = cluster_se(contrib, torch.arange(K) if noise == "prompts" else g, noise)
+        seq, pos = mask.nonzero(as_tuple=True)
+        table = pd.DataFrame({"seq": seq.numpy(), "pos": pos.numpy(), "token_id": ubatch.completion_ids[mask].numpy(),
+                              "influence": tok[mask].double().detach().numpy(), "se": sev[mask].double().numpy()})  # fmt: skip
+        extra_mat = None
+        full_b = [dot(grad, vec), dot(grad, base)]
+        ses = [float("nan")] * 2
+    table["ci_low"] = table["influence"] - Z95 * table["se"]
+    table["ci_high"] = table["influence"] + Z95 * table["se"]
+    table["quantity"] = q.name
+    table["eta"] = float(eta)
+    table["step_size"] = scale
+    return Influence(
+        table=table,
+        matrix=extra_mat,
+        baseline=(scale * float(full_b[1]), ses[1]),
+        full=(scale * float(full_b[0]), ses[0]),
+        value=value,
+        grad=grad,
+    )

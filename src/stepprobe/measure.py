@@ -1,0 +1,393 @@
+"""True step change ΔQ(η) = Q(θ + η·lr·v) - Q(θ) by self-normalised importance sampling.
+
+MATH.md §3-4. Evaluation samples y_j ~ π_θ are shared by every direction and η (common
+random numbers); the base pass (η = 0) runs once. Weights are normalised within each
+prompt group, so every prompt counts equally. Every estimate carries a delta-method
+standard error:
+
+- ``noise="prompts"``: prompts are a random draw (groups are iid clusters): the
+  variance of the mean of per-group estimates. Covers prompt and completion noise.
+- ``noise="completions"``: the prompts of E are fixed; only the completions are random:
+  the SNIS sandwich within each group, summed over groups.
+
+Layers: ``evaluate`` (forwards, plain ingredients: model, θ overrides, directions),
+``snis_change`` (statistics on per-sequence values, no model), ``measure`` (adapts a
+Checkpoint + Update).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from .batch import Batch
+from .errors import StepprobeError
+from .forward import score_batch
+from .quantities import Quantity, get_quantities, sequence_parts
+
+Z95 = 1.959963984540054
+Params = Mapping[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- plumbing
+def group_index(batch: Batch) -> torch.Tensor:
+    """Group index 0..G-1 per sequence (one group for the whole batch without group_ids)."""
+    if batch.group_ids is None:
+        return torch.zeros(len(batch), dtype=torch.long)
+    return torch.unique(batch.group_ids, return_inverse=True)[1]
+
+
+def shifted(theta: Params, direction: Params, scale: float) -> dict[str, torch.Tensor]:
+    """θ + scale·v as a module-name override dict (parameters absent from v stay θ)."""
+    missing = [k for k in direction if k not in theta]
+    if missing:
+        raise StepprobeError(f"direction names {missing[:3]} are not parameters of the model")
+    return {
+        k: (t + scale * direction[k].to(t.dtype) if k in direction else t) for k, t in theta.items()
+    }
+
+
+def trainable(model: torch.nn.Module, names=None) -> dict[str, torch.Tensor]:
+    """θ: the model's parameters (module names) — all trainable ones, or the given names."""
+    params = dict(model.named_parameters())
+    if names is None:
+        return {k: p for k, p in params.items() if p.requires_grad}
+    missing = [k for k in names if k not in params]
+    if missing:
+        raise StepprobeError(f"parameters {missing[:3]} are not in the model")
+    return {k: params[k] for k in names}
+
+
+def forward_parts(
+    model, batch: Batch, quantities: list[Quantity], temperature: float, params=None, dtype=None
+):
+    ent = any(q.needs_entropy for q in quantities)
+    scores = score_batch(
+        model, batch, temperature=temperature, params=params, entropy=ent, dtype=dtype
+    )
+    return sequence_parts(quantities, scores, batch)
+
+
+@dataclass
+class Values:
+    """Per-sequence values on E: ``base`` = parts at θ, ``shifted[(direction, eta)]`` at θ+η·lr·v."""
+
+    base: dict
+    shifted: dict = field(default_factory=dict)
+    groups: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    E: Batch,
+    quantities,
+    directions: Mapping[str, Params],
+    etas: Sequence[float],
+    temperature: float = 1.0,
+    lr: float = 1.0,
+    theta: Params | None = None,
+    dtype: torch.dtype | None = None,
+) -> Values:
+    """One forward at θ (cached), then one per (direction, η) at θ + η·lr·v, over the same E."""
+    qs = get_quantities(quantities)
+    if theta is None:
+        theta = trainable(model, {k for d in directions.values() for k in d})
+    theta = {k: t.detach() for k, t in theta.items()}
+    vals = Values(base=forward_parts(model, E, qs, temperature, None, dtype), groups=group_index(E))
+    for name, v in directions.items():
+        for eta in etas:
+            params = shifted(theta, v, float(eta) * lr)
+            vals.shifted[(name, float(eta))] = forward_parts(
+                model, E, qs, temperature, params, dtype
+            )
+    return vals
+
+
+# --------------------------------------------------------------------------- statistics
+def _group_stats(x: torch.Tensor, wt: torch.Tensor, g: torch.Tensor, G: int) -> torch.Tensor:
+    """Per-group weighted sums Σ_{j∈g} wt_j x_j."""
+    return torch.zeros(G, dtype=x.dtype).index_add_(0, g, wt * x)
+
+
+def snis_change(
+    logw: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    a0: torch.Tensor,
+    b0: torch.Tensor | None,
+    groups: torch.Tensor,
+    noise: str = "prompts",
+) -> dict:
+    """SNIS estimate of ΔQ from per-sequence values, with its delta-method standard error.
+
+    ``logw`` = log π_{θ+ηv}(y_j) - log π_θ(y_j); (a, b) the integrand at θ+ηv, (a0, b0) at θ.
+    Returns estimate, se, value (Q̂ at θ+ηv), base (Q̂ at θ), ess, max_weight_share.
+    """
+    dt = torch.float64
+    logw, a, a0 = logw.to(dt), a.to(dt), a0.to(dt)
+    ratio = b is not None
+    b = b.to(dt) if ratio else torch.ones_like(a)
+    b0 = b0.to(dt) if ratio else torch.ones_like(a0)
+    g = groups
+    G = int(g.max()) + 1
+    n = torch.bincount(g, minlength=G).to(dt)
+    # Within-group normalised weights (stabilised by the group's max log-weight).
+    gmax = torch.full((G,), -math.inf, dtype=dt).scatter_reduce(0, g, logw, "amax")
+    w = torch.exp(logw - gmax[g])
+    sw = torch.zeros(G, dtype=dt).index_add_(0, g, w)
+    wt = w / sw[g]
+    u = 1.0 / n[g]
+    Z = torch.stack(
+        [
+            _group_stats(a, wt, g, G),
+            _group_stats(b, wt, g, G),
+            _group_stats(a0, u, g, G),
+            _group_stats(b0, u, g, G),
+        ]
+    )
+    A, B, A0, B0 = Z.mean(1)
+    if ratio:
+        est = A / B - A0 / B0
+        grad = torch.stack([1 / B, -A / B**2, -1 / B0, A0 / B0**2])
+        value, base = A / B, A0 / B0
+    else:
+        est = A - A0
+        grad = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=dt)
+        value, base = A, A0
+    if noise == "prompts":
+        if G < 2:
+            raise StepprobeError(
+                "noise='prompts' needs at least 2 prompt groups (Batch.group_ids); use noise='completions'"
+            )
+        psi = grad @ (Z - Z.mean(1, keepdim=True))
+        var = (psi**2).sum() / (G * (G - 1))
+    elif noise == "completions":
+        # Linearised contribution of each sequence to its group's SNIS ratios.
+        dev = torch.stack(
+            [wt * (a - Z[0, g]), wt * (b - Z[1, g]), u * (a0 - Z[2, g]), u * (b0 - Z[3, g])]
+        )
+        phi = (grad @ dev) / G
+        corr = (n / (n - 1).clamp(min=1))[g]
+        var = (corr * phi**2).sum()
+    else:
+        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
+    ess_g = sw**2 / torch.zeros(G, dtype=dt).index_add_(0, g, w**2)
+    return {
+        "estimate": float(est),
+        "se": float(var.sqrt()),
+        "value": float(value),
+        "base": float(base),
+        "ess": float(ess_g.sum()),
+        "max_weight_share": float(wt.max()),
+    }
+
+
+def default_noise(groups: torch.Tensor) -> str:
+    return "prompts" if int(groups.max()) >= 1 else "completions"
+
+
+def summarise(
+    values: Values, quantities, lr: float = 1.0, noise: str | None = None, rows_index=None
+) -> pd.DataFrame:
+    """The table: one row per (quantity, direction, η) with estimate, se, 95% interval, ESS.
+
+    ``rows_index`` restricts the statistics to a subset of E's sequences (for repetitions).
+    """
+    qs = get_quantities(quantities)
+    g = values.groups
+    sel = (lambda x: x) if rows_index is None else (lambda x: None if x is None else x[rows_index])
+    if rows_index is not None:
+        g = torch.unique(g[rows_index], return_inverse=True)[1]
+    noise = noise or default_noise(g)
+    rows = []
+    for (d, eta), parts in values.shifted.items():
+        logw = sel(parts["_logp"] - values.base["_logp"])
+        for q in qs:
+            a, b = parts[q.name]
+            a0, b0 = values.base[q.name]
+            r = snis_change(logw, sel(a), sel(b), sel(a0), sel(b0), g, noise)
+            rows.append(
+                {"quantity": q.name, "direction": d, "eta": eta, "step_size": eta * lr, **r}
+            )
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["ci_low"] = df["estimate"] - Z95 * df["se"]
+        df["ci_high"] = df["estimate"] + Z95 * df["se"]
+        df["ess_frac"] = df["ess"] / (len(g))
+        df["estimator"] = "snis"
+        df["noise"] = noise
+    return df
+
+
+# --------------------------------------------------------------------------- linear
+def linear_change(
+    model: torch.nn.Module,
+    E: Batch,
+    quantities,
+    directions: Mapping[str, Params],
+    etas: Sequence[float],
+    temperature: float = 1.0,
+    lr: float = 1.0,
+    theta: Params | None = None,
+    noise: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> pd.DataFrame:
+    """First-order change η·lr·∇Q·v for each direction, by one jvp along v (MATH.md §3).
+
+    The jvp differentiates the per-group SNIS estimates at η = 0, so it is exactly the
+    η-derivative of ``snis_change`` on the same samples. Runs under the math SDPA kernel.
+    """
+    from .influence import math_attention
+
+    qs = get_quantities(quantities)
+    if theta is None:
+        theta = trainable(model, {k for d in directions.values() for k in d})
+    theta = {k: t.detach() for k, t in theta.items()}
+    g = group_index(E)
+    G = int(g.max()) + 1
+    noise = noise or default_noise(g)
+    n = torch.bincount(g, minlength=G).double()
+    rows = []
+    for name, v in directions.items():
+        keys = list(theta)
+        tangent = tuple(
+            v[k].to(theta[k].dtype) if k in v else torch.zeros_like(theta[k]) for k in keys
+        )
+
+        def f(*ps, keys=keys):
+            parts = forward_parts(
+                model, E, qs, temperature, dict(zip(keys, ps, strict=True)), dtype
+            )
+            # jvp wants tensors only: a missing denominator becomes b = 1 (derivative 0).
+            return {k: (v[0], torch.ones_like(v[0]) if v[1] is None else v[1]) if isinstance(v, tuple) else v
+                    for k, v in parts.items()}  # fmt: skip
+
+        with math_attention():
+            parts, dparts = torch.func.jvp(f, tuple(theta[k] for k in keys), tangent)
+        s = dparts["_logp"].double()
+        for q in qs:
+            (a, b), (da, db) = parts[q.name], dparts[q.name]
+            a, da = a.double(), da.double()
+            b, db = b.double(), db.double()
+            u = 1.0 / n[g]
+            abar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * a)
+            bbar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * b)
+            # d/dη of the group SNIS mean at 0: mean_j [a'_j + (a_j - ā_g) s_j].
+            ta = da + (a - abar[g]) * s
+            tb = db + (b - bbar[g]) * s
+            A0, B0 = abar.mean(), bbar.mean()
+            Q0 = A0 / B0
+            t = (ta - Q0 * tb) / B0  # per-sequence terms of dQ/dη (ratio by the delta method)
+            per_group = torch.zeros(G, dtype=t.dtype).index_add_(0, g, u * t)
+            slope = per_group.mean()
+            if noise == "prompts":
+                var = per_group.var() / G
+            else:
+                tbar = per_group[g]
+                var = (((t - tbar) * u) ** 2 * (n / (n - 1).clamp(min=1))[g]).sum() / G**2
+            se = float(var.sqrt())
+            for eta in etas:
+                s_eta = float(eta) * lr
+                rows.append({"quantity": q.name, "direction": name, "eta": float(eta), "step_size": s_eta,
+                             "estimate": float(slope) * s_eta, "se": se * abs(s_eta), "slope": float(slope),
+                             "base": float(Q0)})  # fmt: skip
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["ci_low"] = df["estimate"] - Z95 * df["se"]
+        df["ci_high"] = df["estimate"] + Z95 * df["se"]
+        df["estimator"] = "linear"
+        df["noise"] = noise
+    return df
+
+
+# --------------------------------------------------------------------------- Checkpoint + Update
+def update_directions(ckpt, update, directions) -> dict[str, dict[str, torch.Tensor]]:
+    """Named directions from an Update, in module names.
+
+    "full" (v), "baseline" (b), "grad" (v - b), "baseline+grad" (= v), an int i (v_i),
+    "baseline+i" (b + v_i).
+    """
+    to_module = getattr(ckpt, "to_module", lambda d: dict(d))
+    out = {}
+    seq_idx = sorted(
+        {int(str(d).split("+")[-1]) for d in directions if str(d).split("+")[-1].isdigit()}
+    )
+    parts = update.sequence_parts(seq_idx) if seq_idx else {}
+    for d in directions:
+        key = str(d)
+        if key in ("full", "baseline+grad"):
+            vec = update.vector
+        elif key == "baseline":
+            vec = update.baseline
+        elif key == "grad":
+            vec = update.grad_part
+        elif key.split("+")[-1].isdigit() and key.split("+")[0] in (key, "baseline"):
+            i = seq_idx.index(int(key.split("+")[-1]))
+            vec = {k: p[i] for k, p in parts.items()}
+            if key.startswith("baseline+"):
+                vec = {k: vec[k] + update.baseline[k] for k in vec}
+        else:
+            raise StepprobeError(
+                f"direction {d!r}: expected 'full', 'baseline', 'grad', 'baseline+grad', a sequence index i or 'baseline+i'"
+            )
+        out[key] = to_module(vec)
+    return out
+
+
+@dataclass
+class Measurement:
+    """``table``: one row per (quantity, direction, η); ``values``: the per-sequence values."""
+
+    table: pd.DataFrame
+    values: Values | None = None
+
+    def summary(self) -> str:
+        cols = [
+            "quantity",
+            "direction",
+            "eta",
+            "step_size",
+            "estimate",
+            "se",
+            "ci_low",
+            "ci_high",
+            "ess",
+        ]
+        return self.table[[c for c in cols if c in self.table]].to_string(index=False)
+
+
+def measure(
+    ckpt,
+    update,
+    E: Batch,
+    quantity="entropy",
+    etas: Sequence[float] = (0.5, 1.0, 2.0),
+    estimator: str = "snis",
+    directions=("full",),
+    noise: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Measurement:
+    """ΔQ for each (quantity, direction, η) on evaluation batch E (η in units of the run's lr).
+
+    ``estimator``: "snis" (true change), "linear" (η·lr·∇Q·v by jvp) or "both".
+    """
+    if estimator not in ("snis", "linear", "both"):
+        raise StepprobeError(f"estimator={estimator!r}; expected 'snis', 'linear' or 'both'")
+    if len(E) < 2:
+        raise StepprobeError(f"evaluation batch has {len(E)} sequence(s); need at least 2")
+    model, temp, lr = ckpt.model, float(ckpt.settings.temperature), float(update.lr)
+    dirs = update_directions(ckpt, update, directions)
+    tables, vals = [], None
+    if estimator in ("snis", "both"):
+        vals = evaluate(model, E, quantity, dirs, etas, temp, lr, dtype=dtype)
+        tables.append(summarise(vals, quantity, lr, noise))
+    if estimator in ("linear", "both"):
+        tables.append(
+            linear_change(model, E, quantity, dirs, etas, temp, lr, noise=noise, dtype=dtype)
+        )
+    return Measurement(table=pd.concat(tables, ignore_index=True), values=vals)

@@ -1,0 +1,155 @@
+"""Quantities Q as per-sequence integrands (MATH.md §2).
+
+A quantity gives, for every evaluation sequence j, a numerator a_j(θ) and (for a ratio
+quantity) a denominator b_j(θ): Q = E[a] / E[b], or Q = E[a] when there is no denominator.
+Expectations run over prompts, then over completions sampled at the run's temperature.
+Estimators (measure.py, influence.py, exact.py) only ever see these per-sequence values,
+so a user adds a quantity by subclassing :class:`Quantity` or wrapping a function in
+:class:`CustomQuantity`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .batch import Batch
+from .errors import StepprobeError
+from .forward import Scores
+
+
+class Quantity:
+    """Base class. ``parts(scores, batch) -> (a [M], b [M] or None)``.
+
+    ``needs_entropy``: whether ``scores.entropy`` must be computed (a full-vocabulary pass).
+    ``ratio``: whether ``parts`` returns a denominator (combined by the delta method).
+    """
+
+    name: str = "quantity"
+    ratio: bool = False
+    needs_entropy: bool = False
+
+    def parts(self, scores: Scores, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class TokenMeanEntropy(Quantity):
+    """H_tok = E[Σ_t h_t] / E[T]: the token-mean entropy RL frameworks log (a ratio)."""
+
+    name = "entropy"
+    ratio = True
+    needs_entropy = True
+
+    def parts(self, scores, batch):
+        mask = batch.completion_mask.to(scores.entropy.dtype)
+        return (scores.entropy * mask).sum(1), mask.sum(1)
+
+
+class SequenceMeanEntropy(Quantity):
+    """E[(1/T) Σ_t h_t]: each sequence's own token mean, then the mean over sequences."""
+
+    name = "entropy_seqmean"
+    needs_entropy = True
+
+    def parts(self, scores, batch):
+        mask = batch.completion_mask.to(scores.entropy.dtype)
+        return (scores.entropy * mask).sum(1) / mask.sum(1).clamp(min=1), None
+
+
+class SequenceEntropy(Quantity):
+    """H_seq = E[-log π(y|x)], Rao-Blackwellised as E[Σ_t h_t] (same mean, lower variance)."""
+
+    name = "entropy_seq"
+    needs_entropy = True
+
+    def parts(self, scores, batch):
+        mask = batch.completion_mask.to(scores.entropy.dtype)
+        return (scores.entropy * mask).sum(1), None
+
+
+class Reward(Quantity):
+    """J = E[R(x, y)]: the verifier's reward, fixed per sample (no θ dependence)."""
+
+    name = "reward"
+
+    def parts(self, scores, batch):
+        if batch.rewards is None:
+            raise StepprobeError(
+                "quantity 'reward': the evaluation batch has no 'rewards'; sample it with a task "
+                "(sample_batch) or set Batch.rewards"
+            )
+        return batch.rewards.to(scores.logps.dtype), None
+
+
+class CustomQuantity(Quantity):
+    """A user quantity from a function ``fn(scores, batch) -> a`` or ``-> (a, b)``.
+
+    Example, KL to the reference (k3 estimator per token, needs ``batch.ref_logps``)::
+
+        def kl(scores, batch):
+            d = batch.ref_logps - scores.logps
+            return ((d.exp() - d - 1) * batch.completion_mask).sum(1)
+        CustomQuantity("kl_ref", kl)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[Scores, Batch], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+        ratio: bool = False,
+        needs_entropy: bool = False,
+    ):
+        self.name, self.fn, self.ratio, self.needs_entropy = name, fn, ratio, needs_entropy
+
+    def parts(self, scores, batch):
+        out = self.fn(scores, batch)
+        a, b = out if isinstance(out, tuple) else (out, None)
+        if (b is not None) != self.ratio:
+            raise StepprobeError(
+                f"quantity '{self.name}': ratio={self.ratio} but the function returned "
+                f"{'a denominator' if b is not None else 'no denominator'}"
+            )
+        return a, b
+
+
+QUANTITIES: dict[str, type[Quantity]] = {
+    "entropy": TokenMeanEntropy,
+    "entropy_tok": TokenMeanEntropy,
+    "entropy_seqmean": SequenceMeanEntropy,
+    "entropy_seq": SequenceEntropy,
+    "reward": Reward,
+}
+
+
+def get_quantity(q: str | Quantity) -> Quantity:
+    """A quantity by name (entropy = token-mean, entropy_seqmean, entropy_seq, reward) or as given."""
+    if isinstance(q, Quantity):
+        return q
+    if q not in QUANTITIES:
+        raise StepprobeError(
+            f"unknown quantity {q!r}; expected one of {sorted(QUANTITIES)} or a Quantity"
+        )
+    out = QUANTITIES[q]()
+    out.name = q if q != "entropy_tok" else "entropy"
+    return out
+
+
+def get_quantities(qs) -> list[Quantity]:
+    if isinstance(qs, (str, Quantity)):
+        qs = [qs]
+    out = [get_quantity(q) for q in qs]
+    names = [q.name for q in out]
+    if len(set(names)) != len(names):
+        raise StepprobeError(f"quantities: duplicate names {names}")
+    return out
+
+
+def sequence_parts(quantities: list[Quantity], scores: Scores, batch: Batch) -> dict[str, tuple]:
+    """{name: (a, b)} plus the sequence log-probability under key ``'_logp'``."""
+    out = {q.name: q.parts(scores, batch) for q in quantities}
+    out["_logp"] = scores.logps.sum(1)
+    return out

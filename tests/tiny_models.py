@@ -1,0 +1,123 @@
+"""Tiny causal language models and a toy update for estimator tests (float64-exact).
+
+transformers' eager attention computes its softmax in float32 even for float64 models
+(and gives NaN gradients on left-padded float64 batches), so float64 ground-truth tests
+use this model: one attention layer written out in float64, or through
+F.scaled_dot_product_attention (``attn="sdpa"``) to exercise the fused-kernel path.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TinyLM(nn.Module):
+    """Embedding + one causal self-attention block + MLP + head; HF-style call signature."""
+
+    def __init__(
+        self,
+        vocab: int = 4,
+        d: int = 8,
+        max_len: int = 16,
+        attn: str = "math",
+        seed: int = 0,
+        scale: float = 1.0,
+    ):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.attn = attn
+        self.emb = nn.Parameter(torch.randn(vocab, d, generator=g, dtype=torch.float64) * scale)
+        self.pos = nn.Parameter(
+            torch.randn(max_len, d, generator=g, dtype=torch.float64) * scale * 0.5
+        )
+        self.qkv = nn.Parameter(
+            torch.randn(3 * d, d, generator=g, dtype=torch.float64) * scale / d**0.5
+        )
+        self.mlp = nn.Parameter(
+            torch.randn(d, d, generator=g, dtype=torch.float64) * scale / d**0.5
+        )
+        self.head = nn.Parameter(
+            torch.randn(vocab, d, generator=g, dtype=torch.float64) * scale * 1.5 / d**0.5
+        )
+        self.bias = nn.Parameter(torch.randn(vocab, generator=g, dtype=torch.float64) * 0.3)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0, **kw):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        x = self.emb[input_ids] + self.pos[pos]
+        q, k, v = (x @ self.qkv.T).chunk(3, dim=-1)
+        L = input_ids.shape[1]
+        allowed = (
+            torch.ones(L, L, dtype=torch.bool).tril()[None] & attention_mask.bool()[:, None, :]
+        )
+        # A finite mask: fully masked (padding) query rows get uniform weights, not NaN.
+        bias = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, -1e9)
+        if self.attn == "sdpa":
+            h = F.scaled_dot_product_attention(
+                q[:, None], k[:, None], v[:, None], attn_mask=bias[:, None]
+            )[:, 0]
+        else:
+            w = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5 + bias, dim=-1)
+            h = w @ v
+        x = x + h
+        x = x + torch.tanh(x @ self.mlp.T)
+        logits = x @ self.head.T + self.bias
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits)
+
+
+class ToyUpdate:
+    """An Update-shaped object: v = b + Σ_i P ⊙ g_i from a dapo-style loss on batch U.
+
+    ℓ_{i,t} = -A_i log π(y_{i,t}) / (total tokens); names are module names (to_module = identity).
+    Per-sequence parts are computed by plain autograd, one backward per sequence.
+    """
+
+    def __init__(self, model, U, temperature=1.0, lr=1.0, seed=0, baseline_scale=0.1):
+        from stepprobe.forward import score_batch
+
+        self.model, self.batch, self.lr, self.temperature = model, U, lr, temperature
+        self._score = score_batch
+        g = torch.Generator().manual_seed(seed)
+        theta = {k: p for k, p in model.named_parameters()}
+        self.precond = {
+            k: -(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype)) for k, p in theta.items()
+        }
+        self.baseline = {
+            k: baseline_scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            for k, p in theta.items()
+        }
+        parts = self.sequence_parts()
+        self.vector = {k: self.baseline[k] + parts[k].sum(0) for k in theta}
+        self.grad_part = {k: self.vector[k] - self.baseline[k] for k in theta}
+
+    def token_losses(self, params):
+        U = self.batch
+        s = self._score(self.model, U, temperature=self.temperature, params=params, entropy=False)
+        return -U.advantages[:, None].to(s.logps.dtype) * s.logps / U.completion_mask.sum()
+
+    def sequence_parts(self, index=None):
+        idx = range(len(self.batch)) if index is None else index
+        names = list(self.precond)
+        out = {k: [] for k in names}
+        for i in idx:
+            params = {
+                k: p.detach().clone().requires_grad_() for k, p in self.model.named_parameters()
+            }
+            loss = self.token_losses(params)[i].sum()
+            grads = torch.autograd.grad(loss, [params[k] for k in names])
+            for k, gk in zip(names, grads, strict=True):
+                out[k].append(self.precond[k] * gk)
+        return {k: torch.stack(v) for k, v in out.items()}
+
+
+def toy_ckpt(model, temperature=1.0):
+    return SimpleNamespace(
+        model=model, settings=SimpleNamespace(temperature=temperature), to_module=dict
+    )
