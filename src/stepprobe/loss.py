@@ -42,10 +42,14 @@ class TokenWeights:
     policy: torch.Tensor
     kl: torch.Tensor
     entropy: torch.Tensor | None
+    # Not TRL: weight of |log π - log π_old| per token, the KL-Cov term (variants/, arXiv
+    # 2505.22617); None for the run's own loss.
+    abs_log_ratio: torch.Tensor | None = None
 
     def rows(self, index) -> TokenWeights:
         e = None if self.entropy is None else self.entropy[index]
-        return TokenWeights(self.policy[index], self.kl[index], e)
+        a = None if self.abs_log_ratio is None else self.abs_log_ratio[index]
+        return TokenWeights(self.policy[index], self.kl[index], e, a)
 
 
 def check_settings(settings: RunSettings) -> None:
@@ -157,6 +161,8 @@ def token_terms(
         if entropy is None:
             raise StepprobeError("entropy_coef != 0 needs the token entropies")
         per_token = per_token - entropy * weights.entropy
+    if weights.abs_log_ratio is not None:  # KL-Cov (variants/): token-level |log π - log π_old|
+        per_token = per_token + weights.abs_log_ratio * (logps - old).abs()
     return per_token * mask
 
 

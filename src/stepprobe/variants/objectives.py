@@ -218,20 +218,44 @@ def _rows(batch: Batch, n_full: int) -> torch.Tensor:
     return torch.as_tensor(rows, dtype=torch.long)
 
 
-def make_objective(
-    settings, n_rows: int, policy=None, scope: str = "policy", extra=None
-) -> Objective:
-    """Per-token losses of the run's rule under ``settings``, with the variant's change.
+def make_adjust(n_rows: int, policy=None, scope: str = "policy", abs_coef=None):
+    """``adjust(mb, weights) -> TokenWeights``: the variant's change to loss.py's weights.
 
-    ``policy`` [n_rows, C]: multiplies the per-token weights TRL's loss gives the policy
-    term (scope "policy") or every term (scope "all"); ``extra(logps, kl_weight, rows)``:
-    an added per-token term, normalised like TRL's KL term (mask / loss normaliser).
-    Same signature as ``loss.token_losses``: one forward pass.
+    ``policy`` [n_rows, C]: multiplies the policy weight (scope "policy") or every weight
+    (scope "all"); ``abs_coef`` [n_rows, C]: coefficient of |log π - log π_old| (KL-Cov),
+    normalised like TRL's KL term (mask / loss normaliser). Rows are found by the row ids
+    ``with_rows`` put in ``mb.meta``.
     """
-    from ..loss import TokenWeights, needs_entropy, token_terms, token_weights
+    from ..loss import TokenWeights
 
     if scope not in ("policy", "all"):
         raise StepprobeError(f"variant objective: scope {scope!r}; expected 'policy' or 'all'")
+
+    def adjust(mb: Batch, w):
+        if policy is None and abs_coef is None:
+            return w
+        rows = _rows(mb, n_rows)
+        c = mb.completion_ids.shape[1]
+        pol, kl, ent, ab = w.policy, w.kl, w.entropy, w.abs_log_ratio
+        if policy is not None:
+            x = policy[rows, :c].to(pol.dtype)
+            pol = x * pol
+            if scope == "all":
+                kl = x * kl
+                ent = None if ent is None else x * ent
+                ab = None if ab is None else x * ab
+        if abs_coef is not None:
+            extra = abs_coef[rows, :c].to(kl.dtype) * w.kl
+            ab = extra if ab is None else ab + extra
+        return TokenWeights(pol, kl, ent, ab)
+
+    return adjust
+
+
+def make_objective(settings, adjust=None) -> Objective:
+    """Per-token losses of the run's rule under ``settings`` with ``adjust`` applied to its
+    weights. Same signature as ``loss.token_losses``; one forward pass."""
+    from ..loss import needs_entropy, token_terms, token_weights
 
     def objective(
         model,
@@ -267,15 +291,9 @@ def make_objective(
                 entropy=s.entropy,
                 dtype=s.logps.dtype,
             )
-        rows = _rows(batch, n_rows)
-        if policy is not None:
-            w = policy[rows].to(weights.policy.dtype)
-            if scope == "policy":
-                weights = TokenWeights(w * weights.policy, weights.kl, weights.entropy)
-            else:
-                ent = None if weights.entropy is None else w * weights.entropy
-                weights = TokenWeights(w * weights.policy, w * weights.kl, ent)
-        out = token_terms(
+        if adjust is not None:
+            weights = adjust(batch, weights)
+        return token_terms(
             s.logps,
             s.entropy,
             batch.completion_mask,
@@ -285,9 +303,6 @@ def make_objective(
             old_logps=batch.old_logps,
             ref_logps=batch.ref_logps,
         )
-        if extra is not None:
-            out = out + extra(s.logps, weights.kl, rows) * batch.completion_mask.to(out.dtype)
-        return out
 
     objective.settings = settings
     return objective
@@ -295,28 +310,66 @@ def make_objective(
 
 @dataclass
 class Prepared:
-    """A variant ready to replay: its objective, the batch to replay it on (``batch`` with
-    row ids), the settings it runs under and what it did (``info``)."""
+    """A variant ready to replay.
+
+    ``settings`` and ``adjust`` are what ``replay_update(ckpt, batch, settings=,
+    adjust_weights=)`` takes (``replay``); ``objective`` the same rule as a
+    ``token_losses``-style function; ``batch`` the batch (or micro-batches) with row ids;
+    ``info`` what the variant did.
+    """
 
     variant: Variant
-    objective: Objective
-    batch: Batch
     settings: Any
+    adjust: Callable | None
+    batch: Batch | list[Batch]
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        return self.variant.name
 
-def prepare(variant, model, batch: Batch, settings) -> Prepared:
-    """Fix the variant's weights/selections at θ (the model's current parameters)."""
+    @property
+    def objective(self) -> Objective:
+        return make_objective(self.settings, self.adjust)
+
+    def replay(self, ckpt):
+        """The variant's own AdamW update (its gradient, clip factor and denominator)."""
+        from ..update import replay_update
+
+        return replay_update(ckpt, self.batch, settings=self.settings, adjust_weights=self.adjust)
+
+
+def _whole(batch) -> tuple[Batch, Batch | list[Batch]]:
+    """(all rows as one Batch, the input with row ids); a list is TRL's micro-batches."""
+    if isinstance(batch, Batch):
+        rb = with_rows(batch)
+        return rb, rb
+    from ..update import concat_batches
+
+    mbs, off = [], 0
+    for mb in batch:
+        mbs.append(
+            dataclasses.replace(mb, meta={**mb.meta, ROW_KEY: list(range(off, off + len(mb)))})
+        )
+        off += len(mb)
+    return concat_batches(mbs), mbs
+
+
+def prepare(variant, model, batch: Batch | list[Batch], settings) -> Prepared:
+    """Fix the variant's weights/selections at θ (the model's current parameters).
+
+    Clip-Cov and KL-Cov compute their covariance over all tokens of the update batch (verl
+    computes it per micro-batch; the same when the step is one micro-batch).
+    """
     v = parse_variant(variant)
     p = dict(v.params)
-    n = len(batch)
-    rb = with_rows(batch)
+    whole, rb = _whole(batch)
+    n = len(whole)
     if v.kind == "baseline":
-        return Prepared(v, make_objective(settings, n), rb, settings)
+        return Prepared(v, settings, None, rb)
     if v.kind == "settings":
-        s = with_settings(settings, **p)
-        return Prepared(v, make_objective(s, n), rb, s, {"settings": p})
-    state = token_state(model, batch, settings)
+        return Prepared(v, with_settings(settings, **p), None, rb, {"settings": p})
+    state = token_state(model, whole, settings)
     mask = state.mask
     if v.kind == "clip_cov":
         eps_high = (
@@ -325,7 +378,7 @@ def prepare(variant, model, batch: Batch, settings) -> Prepared:
         w = rules.clip_cov_weights(
             state.logps,
             state.old_logps,
-            batch.advantages,
+            whole.advantages,
             mask,
             ratio=float(p.get("ratio", rules.CLIP_COV_RATIO)),
             low=float(p.get("low", rules.CLIP_COV_LOW)),
@@ -335,33 +388,29 @@ def prepare(variant, model, batch: Batch, settings) -> Prepared:
             seed=int(p.get("seed", 0)),
         )
         info = {"detached": int((w[mask.bool()] == 0).sum()), "tokens": int(mask.sum())}
-        return Prepared(v, make_objective(settings, n, policy=w), rb, settings, info)
+        return Prepared(v, settings, make_adjust(n, policy=w), rb, info)
     if v.kind == "kl_cov":
         ratio = float(p.get("ratio", rules.KL_COV_RATIO))
         coef = float(p.get("coef", rules.KL_COV_COEF))
-        sel = rules.kl_cov_select(state.logps, batch.advantages, mask, ratio=ratio)
-        old = state.old_logps
-
-        def extra(logps, kl_weight, rows):
-            pen = rules.kl_cov_penalty(logps, old[rows].to(logps.dtype), sel[rows], coef)
-            return pen * kl_weight
-
+        sel = rules.kl_cov_select(state.logps, whole.advantages, mask, ratio=ratio)
         info = {
             "selected": int(sel.sum()),
             "tokens": int(mask.sum()),
-            "on_policy": batch.old_logps is None,
+            "on_policy": whole.old_logps is None,
         }
-        return Prepared(v, make_objective(settings, n, extra=extra), rb, settings, info)
+        return Prepared(
+            v, settings, make_adjust(n, abs_coef=coef * sel.to(state.logps.dtype)), rb, info
+        )
     if v.kind == "advantage_reweight":
         w = rules.advantage_reweight(
             state.old_logps, mask, alpha=float(p.get("alpha", rules.AR_ALPHA))
         )
-        return Prepared(v, make_objective(settings, n, policy=w), rb, settings)
+        return Prepared(v, settings, make_adjust(n, policy=w), rb)
     if v.kind == "w_reinforce":
         w = rules.w_reinforce(
-            batch.advantages, mask, lam=float(p.get("lam", rules.W_REINFORCE_LAMBDA))
+            whole.advantages, mask, lam=float(p.get("lam", rules.W_REINFORCE_LAMBDA))
         )
-        return Prepared(v, make_objective(settings, n, policy=w), rb, settings)
+        return Prepared(v, settings, make_adjust(n, policy=w), rb)
     if v.kind == "weights":
         fn = p.get("fn")
         fn = rules.load_callable(fn) if isinstance(fn, str) else fn
@@ -369,15 +418,11 @@ def prepare(variant, model, batch: Batch, settings) -> Prepared:
             raise StepprobeError(
                 f"variant '{v.name}': 'fn' must be 'module:function' or a callable, got {fn!r}"
             )
-        w = rules.user_weights(fn, state, batch)
-        return Prepared(
-            v, make_objective(settings, n, policy=w, scope=p.get("scope", "policy")), rb, settings
-        )
+        w = rules.user_weights(fn, state, whole)
+        return Prepared(v, settings, make_adjust(n, policy=w, scope=p.get("scope", "policy")), rb)
     if v.kind == "remove":
-        w = removal_weights(batch, sequences=p.get("sequences", ()), tokens=p.get("tokens", ()))
-        return Prepared(
-            v, make_objective(settings, n, policy=w, scope="all"), rb, settings, {"removed": p}
-        )
+        w = removal_weights(whole, sequences=p.get("sequences", ()), tokens=p.get("tokens", ()))
+        return Prepared(v, settings, make_adjust(n, policy=w, scope="all"), rb, {"removed": p})
     raise StepprobeError(f"variant '{v.name}': kind {v.kind!r} not handled")  # pragma: no cover
 
 
