@@ -38,6 +38,12 @@ class BatchSpec(_Strict):
     filter_zero_advantage: bool = True
 
 
+class EvalSpec(BatchSpec):
+    """The evaluation batch measures Q under the policy itself: no filtering by default."""
+
+    filter_zero_advantage: bool = False
+
+
 class InfluenceSpec(_Strict):
     """Which first-order influences to record (MATH.md §3)."""
 
@@ -59,7 +65,7 @@ class StudyConfig(_Strict):
     base_model: str | None = None
     task: str
     update: BatchSpec
-    evaluation: BatchSpec = BatchSpec(prompts=16, per_prompt=4, filter_zero_advantage=False)
+    evaluation: EvalSpec = EvalSpec(prompts=16, per_prompt=4)
     repeats: int = Field(gt=0)
     etas: list[float] = Field(default=[0.5, 1.0, 2.0], min_length=1)
     quantities: list[Literal[QUANTITIES]] = Field(default=["entropy", "reward"], min_length=1)  # type: ignore[valid-type]
@@ -106,8 +112,13 @@ class StudyConfig(_Strict):
         Adding repeats or checkpoints, or changing report settings, leaves finished trials
         valid; anything else (batch sizes, etas, seed, precision, ...) does not.
         """
-        d = self.model_dump(mode="json", exclude={"checkpoints", "repeats", "report"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            json.dumps(self.trial_settings(), sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+    def trial_settings(self) -> dict:
+        """The settings a trial body needs (JSON-able): all but the plan's extent and report."""
+        return self.model_dump(mode="json", exclude={"checkpoints", "repeats", "report"})
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]

@@ -35,7 +35,7 @@ class Trial:
     update_seed: int
     eval_seed: int
     fingerprint: str  # StudyConfig.trial_fingerprint(): what the result depends on
-    config: dict  # StudyConfig.model_dump(mode="json"), so the trial needs nothing else
+    config: dict  # StudyConfig.trial_settings(): all the body needs, nothing else
 
     @property
     def checkpoint_name(self) -> str:
@@ -44,7 +44,7 @@ class Trial:
 
 def plan(config: StudyConfig) -> list[Trial]:
     """Every trial of the study, in table order (checkpoint, then repeat)."""
-    cfg = config.model_dump(mode="json")
+    cfg = config.trial_settings()
     fp = config.trial_fingerprint()
     trials = []
     for ci, ckpt in enumerate(config.checkpoints):

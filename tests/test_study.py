@@ -1,0 +1,291 @@
+"""The study machinery (config, plan, store, resume, executors, report) with a stand-in
+trial body whose outputs come from a known model (tests/_study_fake.py)."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from _study_fake import BETA_ADV, BETA_CORRECT, fake_config, fake_trial, make_fake_run, slope_for
+from stepprobe import stats
+from stepprobe.cli import app
+from stepprobe.errors import StepprobeError
+from stepprobe.study import (
+    ProcessExecutor,
+    Store,
+    load_config,
+    parse_config,
+    plan,
+    run_study,
+    template_text,
+)
+
+TESTS = Path(__file__).parent
+TABLES = ("sequences", "tokens", "changes")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_fake_run(tmp_path / "run")
+
+
+def _write(tmp_path, data, name="study.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _tables(out):
+    return {n: pd.read_parquet(Path(out) / f"{n}.parquet") for n in TABLES}
+
+
+def _assert_same(a, b):
+    for n in TABLES:
+        pd.testing.assert_frame_equal(a[n], b[n], check_exact=True)
+
+
+# ---------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"colour": "red"}, "unknown key 'colour'"),
+        ({"update": {"prompts": 4, "per_prompt": 4, "size": 3}}, "unknown key 'update.size'"),
+        ({"repeats": "many"}, "'repeats'"),
+        ({"etas": [1.0, 0.0]}, "every eta must be > 0"),
+        ({"etas": [-0.5]}, "every eta must be > 0"),
+        ({"quantities": ["entropy", "perplexity"]}, "'quantities.1'"),
+        ({"estimators": ["exactish"]}, "'snis' or 'linear'"),
+        ({"precision": "float8"}, "'precision'"),
+        ({"device": "tpu"}, "device must be"),
+        ({"update": {"prompts": 0, "per_prompt": 4}}, "'update.prompts'"),
+        ({"checkpoints": ["nowhere/at-all"]}, "'nowhere/at-all' does not exist"),
+    ],
+)
+def test_malformed_config_names_the_problem(tmp_path, run_dir, change, needle):
+    data = fake_config(run_dir)
+    data.update(change)
+    with pytest.raises(StepprobeError, match=None) as e:
+        load_config(_write(tmp_path, data))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_missing_required_key_and_a_directory_that_is_no_run(tmp_path, run_dir):
+    data = fake_config(run_dir)
+    del data["task"]
+    with pytest.raises(StepprobeError, match="missing required key 'task'"):
+        parse_config(data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StepprobeError, match="neither a checkpoint"):
+        parse_config(fake_config(tmp_path / "empty"))
+
+
+def test_cli_refuses_a_bad_config_before_any_work(tmp_path, run_dir):
+    data = fake_config(run_dir, etas=[0.0])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["run", str(_write(tmp_path, data)), "--out", str(out)])
+    assert r.exit_code == 2
+    assert "every eta must be > 0" in " ".join(r.output.split())
+    assert not out.exists()
+
+
+def test_run_dir_expands_to_checkpoints_in_step_order_relative_to_the_config(tmp_path, run_dir):
+    (run_dir / "checkpoint-5").mkdir()
+    (run_dir / "checkpoint-5" / "optimizer.pt").write_bytes(b"")
+    cfg = load_config(_write(tmp_path, fake_config("run")))  # relative to the file
+    assert [Path(c).name for c in cfg.checkpoints] == [
+        "checkpoint-5",
+        "checkpoint-10",
+        "checkpoint-20",
+    ]
+
+
+def test_init_config_template_is_valid_and_documented(tmp_path, run_dir):
+    r = CliRunner().invoke(app, ["init-config", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "s.yaml").read_text()
+    assert text == template_text() and text.count("#") > 20
+    data = yaml.safe_load(text)
+    data["checkpoints"] = [str(run_dir)]
+    cfg = parse_config(data)
+    assert cfg.etas == [0.5, 1.0, 2.0]
+    r = CliRunner().invoke(app, ["init-config", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+# ---------------------------------------------------------------------- plan
+def test_plan_seeds_are_deterministic_distinct_and_keyed_by_checkpoint_name(tmp_path, run_dir):
+    cfg = parse_config(fake_config(run_dir))
+    t1, t2 = plan(cfg), plan(cfg)
+    assert t1 == t2 and len(t1) == 2 * 3
+    seeds = [t.update_seed for t in t1] + [t.eval_seed for t in t1]
+    assert len(set(seeds)) == len(seeds)
+    # more repeats: the first trials keep their seeds and fingerprint
+    more = plan(parse_config(fake_config(run_dir, repeats=5)))
+    assert {t.trial_id: t for t in more}["checkpoint-20__r0002"] == {t.trial_id: t for t in t1}[
+        "checkpoint-20__r0002"
+    ]
+    assert pickle.loads(pickle.dumps(t1[0])) == t1[0]  # shippable to another process
+
+
+# ---------------------------------------------------------------------- store + resume
+def test_same_config_and_seed_give_identical_tables(tmp_path, run_dir):
+    cfg = parse_config(fake_config(run_dir))
+    run_study(cfg, tmp_path / "a", body=fake_trial, progress=False, report=False)
+    run_study(cfg, tmp_path / "b", body=fake_trial, progress=False, report=False)
+    a, b = _tables(tmp_path / "a"), _tables(tmp_path / "b")
+    _assert_same(a, b)
+    assert len(a["changes"]) == 2 * 3 * 2 * 2 * 3  # ckpt x repeat x quantity x estimator x eta
+    other = parse_config(fake_config(run_dir, seed=1))
+    run_study(other, tmp_path / "c", body=fake_trial, progress=False, report=False)
+    assert not _tables(tmp_path / "c")["changes"].equals(a["changes"])
+
+
+def test_kill_9_mid_study_then_rerun_equals_an_uninterrupted_run(tmp_path, run_dir):
+    cfg_path = _write(tmp_path, fake_config(run_dir))
+    out = tmp_path / "killed"
+    env = {**os.environ, "FAKE_TRIAL_DELAY": "0.4", "PYTHONPATH": str(TESTS)}
+    cmd = [sys.executable, str(TESTS / "_study_fake.py"), str(cfg_path), str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "trials" / "checkpoint-10__r0000").exists():
+        time.sleep(0.02)
+    time.sleep(0.2)  # inside the second trial's body
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = Store(out).finished()
+    assert 1 <= len(finished) < 6, f"kill landed outside the study: {finished}"
+    assert not (out / "changes.parquet").exists()
+    # a half-written trial as a kill during the write would leave it
+    (out / "trials" / ".tmp-checkpoint-20__r0001-999").mkdir()
+    (out / "trials" / ".tmp-checkpoint-20__r0001-999" / "changes.parquet").write_bytes(b"PAR1")
+    done_before = {d: (out / "trials" / d / "info.json").stat().st_mtime_ns for d in finished}
+
+    env["FAKE_TRIAL_DELAY"] = "0"
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not list((out / "trials").glob(".tmp-*"))
+    # finished trials were not redone
+    assert {
+        d: (out / "trials" / d / "info.json").stat().st_mtime_ns for d in finished
+    } == done_before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == {"planned": 6, "finished": 6, "ran_this_time": 6 - len(finished)}
+
+    run_study(
+        load_config(cfg_path), tmp_path / "straight", body=fake_trial, progress=False, report=False
+    )
+    _assert_same(_tables(out), _tables(tmp_path / "straight"))
+
+
+def test_changed_config_is_refused_unless_forced_and_force_keeps_compatible_trials(
+    tmp_path, run_dir
+):
+    out = tmp_path / "out"
+    run_study(
+        parse_config(fake_config(run_dir)), out, body=fake_trial, progress=False, report=False
+    )
+    mtime = (out / "trials" / "checkpoint-10__r0000" / "info.json").stat().st_mtime_ns
+    more = parse_config(fake_config(run_dir, repeats=4))
+    with pytest.raises(StepprobeError, match="different config.*repeats.*--force"):
+        run_study(more, out, body=fake_trial, progress=False, report=False)
+    run_study(more, out, body=fake_trial, progress=False, report=False, force=True)
+    assert (out / "trials" / "checkpoint-10__r0000" / "info.json").stat().st_mtime_ns == mtime
+    assert len(_tables(out)["changes"].groupby(["checkpoint", "repeat"])) == 8
+    # a change that alters every trial: all recomputed, and the tables equal a fresh run's
+    new = parse_config(fake_config(run_dir, repeats=4, etas=[1.0, 3.0]))
+    run_study(new, out, body=fake_trial, progress=False, report=False, force=True)
+    run_study(new, tmp_path / "fresh", body=fake_trial, progress=False, report=False)
+    _assert_same(_tables(out), _tables(tmp_path / "fresh"))
+
+
+def test_out_dir_that_is_not_a_study_is_refused(tmp_path, run_dir):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(StepprobeError, match="not a stepprobe study directory"):
+        run_study(
+            parse_config(fake_config(run_dir)), tmp_path / "busy", body=fake_trial, progress=False
+        )
+
+
+def test_process_executor_gives_the_in_process_tables(tmp_path, run_dir):
+    cfg = parse_config(fake_config(run_dir, repeats=2))
+    run_study(cfg, tmp_path / "a", body=fake_trial, progress=False, report=False)
+    run_study(
+        cfg,
+        tmp_path / "b",
+        body=fake_trial,
+        executor=ProcessExecutor(2),
+        progress=False,
+        report=False,
+    )
+    _assert_same(_tables(tmp_path / "a"), _tables(tmp_path / "b"))
+
+
+# ---------------------------------------------------------------------- report
+def test_report_recovers_the_generating_model(tmp_path, run_dir):
+    cfg = parse_config(fake_config(run_dir, repeats=6))
+    report = run_study(cfg, tmp_path / "out", body=fake_trial, progress=False)
+    out = tmp_path / "out"
+    assert report == out / "report.md"
+    text = report.read_text()
+    for section in (
+        "Expected change per step",
+        "training log",
+        "Variance split",
+        "Allocation",
+        "Linearity",
+        "Update tokens",
+    ):
+        assert section in text
+    for png in ("delta_vs_eta", "influence_vs_features", "entropy_trajectory", "token_influence"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 5000
+        assert f"plots/{png}.png" in text
+
+    # Sequence regression: `correct` is 0/1 (raw units), advantage standardised, so its
+    # coefficient is BETA_ADV * sd(advantage). 95% intervals; with these seeds both cover.
+    reg = pd.read_csv(out / "report" / "regression_sequences.csv").set_index("term")
+    assert reg.loc["correct", "ci_low"] <= BETA_CORRECT <= reg.loc["correct", "ci_high"]
+    sd = reg.loc["advantage", "feature_sd"]
+    assert reg.loc["advantage", "ci_low"] <= BETA_ADV * sd <= reg.loc["advantage", "ci_high"]
+    assert reg.loc["correct", "cov"] == "CR1" and reg.loc["correct", "clusters"] == 12
+
+    # The log check: the fake log falls exactly at slope_for(step) around each checkpoint.
+    chk = pd.read_csv(out / "report" / "log_check.csv")
+    for _, r in chk.iterrows():
+        assert r.observed_slope == pytest.approx(slope_for(r.step), rel=1e-9)
+    # Expected change per checkpoint: the t interval over the 6 repeats' own estimates
+    # (t_interval itself is checked against its closed form in test_stats).
+    raw = _tables(out)["changes"]
+    by = pd.read_csv(out / "report" / "changes_by_checkpoint.csv")
+    sel = by[(by.quantity == "entropy") & (by.estimator == "snis") & (by.eta == 1.0)]
+    assert len(sel) == 2
+    for _, r in sel.iterrows():
+        x = raw[
+            (raw.checkpoint == r.checkpoint)
+            & (raw.quantity == "entropy")
+            & (raw.estimator == "snis")
+            & (raw.eta == 1.0)
+        ]
+        want = stats.t_interval(x.estimate, 0.95)
+        assert (r.n, r["mean"], r.ci_low) == (
+            6,
+            pytest.approx(want["mean"]),
+            pytest.approx(want["ci_low"]),
+        )
+
+    # `stepprobe report` recomputes the same tables from the directory alone
+    before = (out / "report" / "variance.csv").read_text()
+    r = CliRunner().invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "report" / "variance.csv").read_text() == before
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "no sequences.parquet" in " ".join(r.output.split())
