@@ -39,3 +39,10 @@ def reward(prompts, completions, answer=None, **kwargs) -> list[float]:
     """
     answers = answer if answer is not None else [answer_for(p) for p in prompts]
     return [float(_text(c).strip() == str(a)) for c, a in zip(completions, answers, strict=True)]
+
+
+def digit_reward(prompts, completions, **kwargs) -> list[float]:
+    """Share of digit characters in the completion (0.0 when empty): a dense reward that
+    gives mixed values even for an untrained model (used by the quick test runs)."""
+    texts = [_text(c) for c in completions]
+    return [sum(ch.isdigit() for ch in t) / len(t) if t else 0.0 for t in texts]
