@@ -28,11 +28,14 @@ _EXPORTS = {
     "exact": "exact",
 }
 
+_MODULE_EXPORTS = {"exact"}
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         module = import_module(f".{_EXPORTS[name]}", __name__)
-        return module if name == _EXPORTS[name] else getattr(module, name)
+        # `exact` is a module of functions; `measure`/`influence` are functions of their module.
+        return module if name in _MODULE_EXPORTS else getattr(module, name)
     raise AttributeError(f"module 'stepprobe' has no attribute {name!r}")
