@@ -400,3 +400,45 @@ def test_bad_variant_specs(tiny, spec, match):
     model, batch = tiny
     with pytest.raises(StepprobeError, match=match):
         obj.prepare(spec, model, batch, _Settings())
+
+
+# ============================================================================ replay
+# A variant's replay is a real AdamW step on its own objective: its own gradient, clip factor
+# and Adam denominator. Checkpoint and real step from test_update's helpers (a tiny Qwen2
+# trained two AdamW steps, saved as the Trainer saves it). float32 with tolerance 1e-6, the
+# same floor argument as test_update (Δθ rounding ~ eps32 |θ|/|Δθ| < 1e-7, times 10).
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3])
+def test_variant_replay_matches_real_adamw_step(tmp_path, max_grad_norm):
+    import stepprobe as sp
+    from test_update import make_batch, rel_err, write_checkpoint
+
+    settings = {"loss_type": "dapo", "beta": 0.0, "max_grad_norm": max_grad_norm}
+    specs = [
+        {"preset": "clip_cov", "ratio": 0.2, "low": -100.0, "high": 100.0},
+        {"preset": "kl_cov", "ratio": 0.3},
+        "w_reinforce",
+        {"preset": "entropy_bonus", "entropy_coef": 0.05},
+    ]
+    for spec in specs:
+        d, model, opt = write_checkpoint(
+            tmp_path / str(len(list(tmp_path.iterdir()))), torch.float32, False, settings
+        )
+        ckpt = sp.load_checkpoint(d, settings=d / "settings.json", dtype=torch.float32)
+        batch = make_batch(ckpt.model.config.vocab_size, n=6, seed=2)
+        with torch.no_grad():  # off-policy old log-probs, so KL-Cov's term is active
+            lp = score_batch(ckpt.model, batch, entropy=False).logps
+        batch = replace(batch, old_logps=(lp - 0.05) * batch.completion_mask, ref_logps=None)
+        prep = obj.prepare(spec, ckpt.model, batch, ckpt.settings)
+        upd = prep.replay(ckpt)
+        base = obj.prepare("baseline", ckpt.model, batch, ckpt.settings).replay(ckpt)
+
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        prep.objective(model, prep.batch, prep.settings).sum().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        delta = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        mine = {ckpt.names[c]: upd.lr * v for c, v in upd.vector.items()}
+        assert rel_err(mine, delta) <= 1e-6, (spec, rel_err(mine, delta))
+        assert upd.stats["clipped"] == (max_grad_norm < 1)
+        # the variant's step differs from the run's own (else the check above proves nothing)
+        assert rel_err(upd.grad, base.grad) > 1e-3, spec

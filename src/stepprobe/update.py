@@ -99,9 +99,16 @@ class Update:
                 params=p,
                 entropy=ent,
             )
-            tw = TokenWeights(row["w_policy"][None], row["w_kl"][None], row.get("w_entropy", None))
+            tw = TokenWeights(
+                row["w_policy"][None],
+                row["w_kl"][None],
+                row.get("w_entropy", None),
+                row.get("w_abs", None),
+            )
             if tw.entropy is not None:
                 tw.entropy = tw.entropy[None]
+            if tw.abs_log_ratio is not None:  # KL-Cov variant's term
+                tw.abs_log_ratio = tw.abs_log_ratio[None]
             ell = token_terms(
                 sc.logps,
                 sc.entropy,
@@ -125,6 +132,8 @@ class Update:
         }
         if w.entropy is not None:
             rows["w_entropy"] = w.entropy
+        if w.abs_log_ratio is not None:
+            rows["w_abs"] = w.abs_log_ratio
         if mb.old_logps is not None:
             rows["old_logps"] = mb.old_logps
         if mb.ref_logps is not None:
@@ -301,9 +310,20 @@ def _check_batch(mb: Batch, k: int, vocab: int, s: RunSettings) -> None:
             raise StepprobeError(f"{where}: '{name}' has non-finite values (NaN/inf)")
 
 
-def replay_update(ckpt: Checkpoint, batch: Batch | Sequence[Batch]) -> Update:
-    """The AdamW update the checkpoint's optimizer would make on ``batch`` (see module doc)."""
-    s = ckpt.settings
+def replay_update(
+    ckpt: Checkpoint,
+    batch: Batch | Sequence[Batch],
+    settings: RunSettings | None = None,
+    adjust_weights=None,
+) -> Update:
+    """The AdamW update the checkpoint's optimizer would make on ``batch`` (see module doc).
+
+    Alternative update rules (variants/): ``settings`` replaces the run's settings and
+    ``adjust_weights(mb, TokenWeights) -> TokenWeights`` changes a micro-batch's per-token
+    loss weights; the gradient, clip factor and Adam denominator are then the variant's own,
+    and every per-sequence/per-token part below follows the adjusted loss.
+    """
+    s = ckpt.settings if settings is None else settings
     check_settings(s)
     mbs, exact = _as_micro_batches(batch)
     model = ckpt.model
@@ -327,6 +347,8 @@ def replay_update(ckpt: Checkpoint, batch: Batch | Sequence[Batch]) -> Update:
                 ent = score_mb(model, mb, s).entropy
         nib = mb.num_items_in_batch if exact else None
         w = token_weights(mb, s, accumulation, spg, nib, entropy=ent, dtype=dtype)
+        if adjust_weights is not None:
+            w = adjust_weights(mb, w)
         weights.append(w)
         sc = score_mb(model, mb, s)
         loss = token_terms(
