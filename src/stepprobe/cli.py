@@ -83,3 +83,30 @@ def report_cmd(
     from .study import build_report
 
     console.print(f"report: {build_report(out)}")
+
+
+@demo_app.command("train")
+@friendly
+def demo_train(
+    out: str = typer.Option(..., "--out", help="Run directory to create (must hold no run)."),
+    lora: bool = typer.Option(False, "--lora", help="LoRA adapters instead of a full fine-tune."),
+    seed: int = typer.Option(0, "--seed", help="Seed for model init, warm-up and GRPO."),
+):
+    """Warm up a tiny Qwen2 on 2-digit addition, then run TRL GRPO on CPU with checkpoints."""
+    from .demo.train import PLOT_FILE, train_demo
+
+    run_dir = train_demo(out, lora=lora, seed=seed)
+    console.print(f"run: {run_dir}\nplot: {run_dir / PLOT_FILE}")
+
+
+@demo_app.command("run")
+@friendly
+def demo_run(
+    out: str = typer.Option(..., "--out", help="Demo directory (trained there when missing)."),
+    full_only: bool = typer.Option(False, "--full-only", help="Skip the LoRA variant."),
+    seed: int = typer.Option(0, "--seed", help="Seed for model init, warm-up and GRPO."),
+):
+    """Build the demo runs if missing, then print a table per checkpoint and the plot path."""
+    from .demo.run import run_demo
+
+    run_demo(out, variants=("full",) if full_only else ("full", "lora"), seed=seed)

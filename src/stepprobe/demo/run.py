@@ -1,0 +1,83 @@
+"""`stepprobe demo run`: build the demo runs if missing, then summarise them.
+
+Structured as a list of stages (train, summarise) so later work (the full study) can be
+appended as further stages over the same run directories.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import StepprobeError
+from .train import META_FILE, PLOT_FILE, build_warm_base, checkpoint_dirs, train_demo
+
+VARIANTS = {"full": False, "lora": True}
+
+
+def run_is_done(run_dir: Path) -> bool:
+    meta_file = run_dir / META_FILE
+    if not meta_file.exists():
+        return False
+    try:
+        return json.loads(meta_file.read_text()).get("status") == "done"
+    except ValueError as e:
+        raise StepprobeError(f"{meta_file}: not valid JSON ({e})") from e
+
+
+def ensure_runs(out: str | Path, variants=("full", "lora"), seed: int = 0, log=print) -> dict:
+    """Train each missing variant under `out/<variant>`, sharing one warm base `out/base`.
+
+    A variant directory left half-done (checkpoints but no "done" status) is an error,
+    not silently reused. Returns {variant: run_dir}.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / "base"
+    runs = {}
+    for name in variants:
+        if name not in VARIANTS:
+            raise StepprobeError(f"unknown demo variant {name!r}; expected one of {list(VARIANTS)}")
+        run_dir = out / name
+        runs[name] = run_dir
+        if run_is_done(run_dir):
+            log(f"{name}: found finished run at {run_dir}")
+            continue
+        if checkpoint_dirs(run_dir):
+            raise StepprobeError(
+                f"{run_dir} holds checkpoints but {META_FILE} does not say status 'done' "
+                "(an interrupted run?); delete that directory and run again"
+            )
+        if not (base / "config.json").exists():
+            t0 = time.perf_counter()
+            log("building the warm-started base model (supervised warm-up)...")
+            info = build_warm_base(base, seed=seed)
+            (out / "base_warmup.json").write_text(json.dumps(info, indent=2))
+            log(
+                f"  warm-up done in {time.perf_counter() - t0:.0f}s, "
+                f"starting accuracy (T=1) {info['exact_accuracy']:.2f}"
+            )
+        t0 = time.perf_counter()
+        log(f"{name}: GRPO training ({'LoRA' if VARIANTS[name] else 'full fine-tune'})...")
+        train_demo(run_dir, lora=VARIANTS[name], seed=seed, base_dir=base)
+        log(f"  done in {time.perf_counter() - t0:.0f}s")
+    return runs
+
+
+def summarise(runs: dict, console) -> None:
+    from .report import render_table
+
+    for name, run_dir in runs.items():
+        console.print(render_table(run_dir, title=f"demo run '{name}': {run_dir}"))
+        console.print(f"plot: {run_dir / PLOT_FILE}")
+
+
+def run_demo(out: str | Path, variants=("full", "lora"), seed: int = 0, console=None) -> dict:
+    """The `make demo` pipeline: train what is missing, then print per-checkpoint tables."""
+    from rich.console import Console
+
+    console = console or Console()
+    runs = ensure_runs(out, variants, seed=seed, log=console.print)
+    summarise(runs, console)
+    return runs
