@@ -242,6 +242,49 @@ class Checkpoint:
         return next(iter(self.params().values())).dtype
 
 
+EAGER64 = "stepprobe_eager64"
+
+
+def _eager64_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention with the softmax in the input dtype.
+
+    The stock eager kernel takes the softmax in float32: a float64 model is then only
+    float32-accurate, and float64's mask value (finfo.min) becomes -inf, so fully padded
+    query rows turn into NaN gradients.
+    """
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv
+
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = torch.softmax(w, dim=-1)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
+def _rms_norm_exact(self, hidden_states):
+    # the stock RMSNorm upcasts to float32, which downcasts a float64 model
+    var = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(var + self.variance_epsilon))
+
+
+def use_exact_attention(model: torch.nn.Module) -> None:
+    """Make a float64 model float64 throughout: attention softmax and RMSNorm in float64."""
+    import types
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(EAGER64, _eager64_attention)
+    AttentionMaskInterface.register(EAGER64, eager_mask)
+    model.set_attn_implementation(EAGER64)
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon"):
+            mod.forward = types.MethodType(_rms_norm_exact, mod)
+
+
 def _require(path: Path, name: str, what: str) -> Path:
     p = path / name
     if not p.is_file():
@@ -352,6 +395,8 @@ def load_checkpoint(
     except Exception as e:
         raise StepprobeError(f"{path}: cannot build the model ({type(e).__name__}: {e})") from e
     model.eval()
+    if dtype == torch.float64:
+        use_exact_attention(model)
     tok_dir = (
         path
         if (path / "tokenizer_config.json").is_file()
