@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from stepprobe.batch import Batch
-from stepprobe.demo.model import build_model, build_tokenizer
+from stepprobe.demo.model import build_tokenizer
 from stepprobe.errors import StepprobeError
 from stepprobe.forward import score, score_batch
 from stepprobe.rollouts import _nanstd, generate, group_advantages, sample, sample_batch
@@ -26,8 +26,24 @@ def tok():
 
 @pytest.fixture(scope="module")
 def lm(tok):
-    # initializer_range 0.3: peaked, varied next-token distributions instead of ~uniform ones
-    return build_model(tok, hidden_size=32, num_layers=2, initializer_range=0.3).eval()
+    # Our own tiny Qwen2 (not the demo's builder, which may change): initializer_range 0.3
+    # gives peaked, varied next-token distributions instead of ~uniform ones.
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        attn_implementation="eager",
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
 
 
 def first_char_reward(prompts, completions, answers):
@@ -38,7 +54,21 @@ def first_char_reward(prompts, completions, answers):
 @pytest.fixture(scope="module")
 def mixed_task():
     # different prompt lengths: the batch is left-padded, which is where position conventions matter
-    return Task(["1+2=", "12+34=", "7=", "99+99+9=", "a", "45+6="], first_char_reward, name="mixed")
+    prompts = [
+        "1+2=",
+        "12+34=",
+        "7=",
+        "99+99+9=",
+        "a",
+        "45+6=",
+        "8+80=",
+        "3*3=",
+        "ab",
+        "5-4=",
+        "66=",
+        "2+22+2=",
+    ]
+    return Task(prompts, first_char_reward, name="mixed")
 
 
 # ---------------------------------------------------------------------- faithfulness
@@ -210,7 +240,8 @@ def test_same_seed_same_batch_other_seed_other_batch_global_rng_untouched(lm, to
     d = sample(lm, tok, SETTINGS, mixed_task, 6, 4, seed=9, filter_zero_advantage=False)
     # 24 completions of up to 5 tokens from ~40 symbols: coinciding texts would mean shared randomness
     assert c.meta["completion_text"] != d.meta["completion_text"]
-    assert sorted(c.meta["prompt_index"]) == sorted(d.meta["prompt_index"])  # all 6 prompts drawn
+    # the prompt draw is seeded too: 6 of 12 prompts, the same set twice has probability 1/924
+    assert set(c.meta["prompt_index"]) != set(d.meta["prompt_index"])
 
 
 def test_save_load_roundtrip_is_lossless(lm, tok, mixed_task, tmp_path):
@@ -362,7 +393,7 @@ def test_zero_advantage_bound_and_message(lm, tok, mixed_task):
         match=r"after 2 resampling rounds, tried 6 groups and discarded 6 .*kept 0 of the 2",
     ):
         sample(lm, tok, SETTINGS, const, [0, 1], 3, seed=0, max_resample=2)
-    with pytest.raises(StepprobeError, match=r"prompts exhausted, tried 6 groups and discarded 6"):
+    with pytest.raises(StepprobeError, match=r"prompts exhausted, tried 12 groups and discarded 12"):
         sample(lm, tok, SETTINGS, const, 2, 3, seed=0, max_resample=50)
 
 
@@ -377,10 +408,10 @@ def test_bad_inputs(lm, tok, mixed_task):
         StepprobeError, match=r"prompt 1 of task 'long' has 71 tokens.*max_position_embeddings=64"
     ):
         sample(lm, tok, SETTINGS, long_task, [0, 1], 2, seed=0)
-    with pytest.raises(StepprobeError, match=r"the task has 6 prompts"):
-        sample(lm, tok, SETTINGS, mixed_task, 7, 2, seed=0)
-    with pytest.raises(StepprobeError, match=r"prompt indices \[9\]"):
-        sample(lm, tok, SETTINGS, mixed_task, [0, 9], 2, seed=0)
+    with pytest.raises(StepprobeError, match=r"the task has 12 prompts"):
+        sample(lm, tok, SETTINGS, mixed_task, 13, 2, seed=0)
+    with pytest.raises(StepprobeError, match=r"prompt indices \[12\]"):
+        sample(lm, tok, SETTINGS, mixed_task, [0, 12], 2, seed=0)
     with pytest.raises(StepprobeError, match="unknown task 'nope'"):
         sample(lm, tok, SETTINGS, "nope", 2, 2, seed=0)
     boom = Task(["1+1="], lambda p, c, a: 1 / 0, name="boom")
