@@ -61,15 +61,25 @@ def run_cmd(
         "--force",
         help="Adopt a changed config in an existing --out (stale trials are deleted).",
     ),
-    executor: str = typer.Option("inprocess", "--executor", help="inprocess (default) or process."),
+    executor: str = typer.Option(
+        "inprocess", "--executor", help="inprocess (default), process or ray."
+    ),
     workers: int = typer.Option(2, "--workers", help="Worker processes for --executor process."),
+    address: str = typer.Option(
+        None, "--address", help="Ray cluster for --executor ray (default: start a local one)."
+    ),
+    max_retries: int = typer.Option(
+        3, "--max-retries", help="Retries of a trial whose Ray worker died (--executor ray)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
     """Run (or resume) a study: checkpoints x repeats, then tables, statistics and plots."""
     from .study import get_executor, load_config, run_study
 
     cfg = load_config(config)  # everything validated before any work
-    ex = get_executor(executor, **({"workers": workers} if executor == "process" else {}))
+    opts = {"process": {"workers": workers}}
+    opts["ray"] = {"address": address, "max_retries": max_retries}
+    ex = get_executor(executor, **opts.get(executor, {}))
     report = run_study(cfg, out, executor=ex, force=force, progress=progress)
     console.print(f"report: {report}")
 

@@ -53,7 +53,13 @@ class ProcessExecutor:
                 yield futures[fut], fut.result()
 
 
-EXECUTORS = {"inprocess": InProcessExecutor, "process": ProcessExecutor}
+def _ray_executor(**kwargs) -> Executor:
+    from .ray_executor import RayExecutor  # ray itself is imported only when a study runs
+
+    return RayExecutor(**kwargs)
+
+
+EXECUTORS = {"inprocess": InProcessExecutor, "process": ProcessExecutor, "ray": _ray_executor}
 
 
 def get_executor(name: str, **kwargs) -> Executor:
