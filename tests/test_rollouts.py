@@ -393,7 +393,9 @@ def test_zero_advantage_bound_and_message(lm, tok, mixed_task):
         match=r"after 2 resampling rounds, tried 6 groups and discarded 6 .*kept 0 of the 2",
     ):
         sample(lm, tok, SETTINGS, const, [0, 1], 3, seed=0, max_resample=2)
-    with pytest.raises(StepprobeError, match=r"prompts exhausted, tried 12 groups and discarded 12"):
+    with pytest.raises(
+        StepprobeError, match=r"prompts exhausted, tried 12 groups and discarded 12"
+    ):
         sample(lm, tok, SETTINGS, const, 2, 3, seed=0, max_resample=50)
 
 
@@ -432,3 +434,24 @@ def test_sample_batch_reads_the_checkpoint(lm, tok, mixed_task):
     )
     assert torch.equal(b.completion_ids, _assert_same_but_info.completion_ids)
     assert b.info["checkpoint"] == "run/checkpoint-5" and b.info["step"] == 5
+
+
+def test_sample_batch_from_a_real_trl_lora_checkpoint(tmp_path):
+    """End to end: a TRL GRPO run (LoRA), load_checkpoint, sample with the run's settings."""
+    from stepprobe.checkpoint import load_checkpoint
+    from stepprobe.demo.train import tiny_grpo_run
+
+    run = tiny_grpo_run(tmp_path, lora=True, steps=1, temperature=0.7, max_completion_length=3)
+    ckpt = load_checkpoint(run.checkpoints[-1])
+    assert ckpt.settings.temperature == 0.7 and ckpt.settings.max_completion_length == 3
+    b = sample_batch(ckpt, "arithmetic", 3, 4, seed=0, filter_zero_advantage=False)
+    assert (
+        b.info["temperature"] == 0.7
+        and b.completion_ids.shape[1] <= 3
+        and b.info["step"] == ckpt.step
+    )
+    with torch.no_grad():
+        sc = score_batch(ckpt.model, b, temperature=0.7, dtype=torch.float32)
+    # float32, 1e-5: as in the Qwen2 test, through PEFT's wrapper
+    torch.testing.assert_close(b.token_logps, sc.logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.token_entropy, sc.entropy, atol=1e-5, rtol=0)

@@ -29,7 +29,9 @@ def test_arithmetic_task_uses_the_demo_prompts_and_reward():
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(StepprobeError, match=r"unknown task 'gsm9k'.*\['arithmetic'\]"):
+    with pytest.raises(
+        StepprobeError, match=r"unknown task 'gsm9k'.*\['addition2', 'arithmetic'\]"
+    ):
         get_task("gsm9k")
 
 
@@ -149,3 +151,19 @@ def test_trl_style_rewards_are_adapted():
     # correctness threshold is configurable
     t3 = Task(["p"], lambda p, c, a: [0.5], correct=lambda r: r >= 1.0)
     assert not t3.is_correct(0.5) and t3.is_correct(1.0)
+
+
+def test_demo_run_directory_gives_its_task(tmp_path):
+    from stepprobe.demo.task import make_prompts
+
+    (tmp_path / "checkpoint-5").mkdir()
+    meta = {"task": "addition2", "chat_template": False, "prompts": {"n": 30, "seed": 4}}
+    (tmp_path / "stepprobe_demo.json").write_text(json.dumps(meta))
+    for d in (tmp_path, tmp_path / "checkpoint-5"):
+        t = get_task(d)
+        assert t.prompts == [r["prompt"] for r in make_prompts(30, 4)]
+    (tmp_path / "stepprobe_demo.json").write_text(json.dumps({"task": "addition2"}))
+    with pytest.raises(StepprobeError, match="expected JSON with prompts.n and prompts.seed"):
+        get_task(tmp_path)
+    with pytest.raises(StepprobeError, match="no stepprobe_demo.json here or in the parent"):
+        get_task(tmp_path.parent.parent)

@@ -580,7 +580,7 @@ def _prompt_text(prompt) -> str:
 
 def sample_batch(
     checkpoint,
-    task: Task | str,
+    task: Task | str | None,
     prompts: int | Sequence[int],
     per_prompt: int,
     seed: int,

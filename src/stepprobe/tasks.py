@@ -249,11 +249,44 @@ def _plain(x):
     return x
 
 
-TASKS: dict[str, Callable[..., Task]] = {"arithmetic": arithmetic_task}
+TASKS: dict[str, Callable[..., Task]] = {
+    "arithmetic": arithmetic_task,
+    "addition2": arithmetic_task,
+}
+DEMO_META = "stepprobe_demo.json"  # written by stepprobe.demo.train next to the checkpoints
+
+
+def run_task(run_or_checkpoint: str | Path) -> Task:
+    """The task a demo run trained on, rebuilt from ``stepprobe_demo.json`` (in the dir or its parent)."""
+    import json
+
+    d = Path(run_or_checkpoint)
+    meta_file = next((f for f in (d / DEMO_META, d.parent / DEMO_META) if f.is_file()), None)
+    if meta_file is None:
+        raise StepprobeError(
+            f"{d}: no {DEMO_META} here or in the parent directory (not a demo run); name the task"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+        prompts = meta["prompts"]
+        n, seed = int(prompts["n"]), int(prompts["seed"])
+        task_name = meta.get("task", "arithmetic")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StepprobeError(
+            f"{meta_file}: expected JSON with prompts.n and prompts.seed ({e})"
+        ) from e
+    if task_name not in TASKS:
+        raise StepprobeError(
+            f"{meta_file}: unknown task {task_name!r}; known tasks are {sorted(TASKS)}"
+        )
+    task = TASKS[task_name](n=n, seed=seed, conversational=bool(meta.get("chat_template", False)))
+    task.info["source"] = str(meta_file)
+    return task
 
 
 def get_task(name_or_path: str | Path | Task, **kw) -> Task:
-    """A built-in task by name, or a dataset task from a .jsonl/.json/.parquet path.
+    """A built-in task by name, a dataset task from a .jsonl/.json/.parquet path, or a demo
+    run (or checkpoint) directory: the task it trained on.
 
     Keyword arguments go to the task's builder (``arithmetic_task`` or ``dataset_task``).
     """
@@ -262,8 +295,11 @@ def get_task(name_or_path: str | Path | Task, **kw) -> Task:
     key = str(name_or_path)
     if key in TASKS:
         return TASKS[key](**kw)
+    if Path(key).is_dir():
+        return run_task(key)
     if Path(key).suffix.lower() in (".jsonl", ".json", ".parquet", ".pq") or Path(key).exists():
         return dataset_task(key, **kw)
     raise StepprobeError(
-        f"unknown task {key!r}: known tasks are {sorted(TASKS)}, or give a .jsonl/.parquet dataset path"
+        f"unknown task {key!r}: known tasks are {sorted(TASKS)}, or give a .jsonl/.parquet dataset path "
+        "or a demo run directory"
     )
