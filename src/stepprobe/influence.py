@@ -28,7 +28,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .batch import Batch
 from .errors import StepprobeError
-from .measure import Z95, default_noise, forward_parts, group_index, trainable
+from .measure import (
+    Z95,
+    cluster_se,
+    default_noise,
+    forward_parts,
+    group_index,
+    linear_terms,
+    trainable,
+)
 from .quantities import get_quantity
 
 Params = Mapping[str, torch.Tensor]
@@ -54,24 +62,15 @@ class Surrogate:
 
 
 @torch.no_grad()
-def surrogate(model, E: Batch, quantity, temperature: float, dtype=None) -> Surrogate:
+def surrogate(
+    model, E: Batch, quantity, temperature: float, dtype=None, normalise="pooled"
+) -> Surrogate:
     q = get_quantity(quantity)
     parts = forward_parts(model, E, [q], temperature, None, dtype)
     a, b = parts[q.name]
-    a = a.double()
-    b = torch.ones_like(a) if b is None else b.double()
     g = group_index(E)
-    G = int(g.max()) + 1
-    n = torch.bincount(g, minlength=G).double()
-    u = 1.0 / n[g]
-    abar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * a)
-    bbar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * b)
-    A0, B0 = abar.mean(), bbar.mean()
-    Q0 = A0 / B0
-    alpha = u / (G * B0)
-    beta = -Q0 * alpha if q.ratio else torch.zeros_like(alpha)
-    gamma = alpha * ((a - abar[g]) - (Q0 * (b - bbar[g]) if q.ratio else 0.0))
-    return Surrogate(alpha, beta, gamma, float(Q0), g)
+    alpha, beta, gamma, Q0 = linear_terms(a, b, g, normalise)
+    return Surrogate(alpha, beta, gamma, Q0, g)
 
 
 def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None) -> torch.Tensor:
@@ -85,12 +84,18 @@ def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None) -> torch.
 
 
 def score_gradient(
-    model, E: Batch, quantity, temperature: float = 1.0, theta: Params | None = None, dtype=None
+    model,
+    E: Batch,
+    quantity,
+    temperature: float = 1.0,
+    theta: Params | None = None,
+    dtype=None,
+    normalise="pooled",
 ):
     """(∇Q as a module-name dict, Q̂(θ)) by one backward over E."""
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
-    s = surrogate(model, E, q, temperature, dtype)
+    s = surrogate(model, E, q, temperature, dtype, normalise)
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
 
@@ -109,6 +114,7 @@ def linear_jvp(
     temperature: float = 1.0,
     theta: Params | None = None,
     dtype=None,
+    normalise="pooled",
 ):
     """∇Q·v by one jvp of the surrogate along v (cross-check of the backward + dot path).
 
@@ -116,7 +122,7 @@ def linear_jvp(
     """
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model, list(direction))
-    s = surrogate(model, E, q, temperature, dtype)
+    s = surrogate(model, E, q, temperature, dtype, normalise)
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
     tan = tuple(
@@ -140,6 +146,7 @@ def per_sequence_gradients(
     theta: Params | None = None,
     chunk: int = 16,
     dtype=None,
+    normalise="pooled",
 ):
     """∇term_j for every eval sequence j (module-name dict of [M, *shape]); Σ_j = ∇Q.
 
@@ -147,7 +154,7 @@ def per_sequence_gradients(
     """
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
-    s = surrogate(model, E, q, temperature, dtype)
+    s = surrogate(model, E, q, temperature, dtype, normalise)
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
     rew = E.rewards if E.rewards is not None else torch.zeros(len(E))
@@ -199,26 +206,6 @@ def dot(a: Params, b: Params) -> torch.Tensor:
     return out
 
 
-def cluster_se(contrib: torch.Tensor, groups: torch.Tensor, noise: str) -> torch.Tensor:
-    """SE of Σ_j contrib_j (contrib [M] or [M, K]) over evaluation samples, by group."""
-    c = contrib.double().reshape(contrib.shape[0], -1)
-    G = int(groups.max()) + 1
-    cg = torch.zeros(G, c.shape[1], dtype=c.dtype).index_add_(0, groups, c)
-    if noise == "prompts":
-        if G < 2:
-            raise StepprobeError(
-                "noise='prompts' needs at least 2 prompt groups; use noise='completions'"
-            )
-        var = G * cg.var(0)
-    elif noise == "completions":
-        n = torch.bincount(groups, minlength=G).double()
-        dev = c - (cg / n[:, None])[groups]
-        var = ((n / (n - 1).clamp(min=1))[groups, None] * dev**2).sum(0)
-    else:
-        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
-    return var.sqrt().reshape(contrib.shape[1:])
-
-
 # --------------------------------------------------------------------------- Checkpoint + Update
 @dataclass
 class Influence:
@@ -246,6 +233,7 @@ def influence(
     se: bool = True,
     noise: str | None = None,
     dtype: torch.dtype | None = None,
+    normalise: str = "pooled",
 ) -> Influence:
     """δQ_i = η·lr·∇Q·v_i for every update sequence (or token t of sequence i).
 
@@ -262,7 +250,7 @@ def influence(
     to_module = getattr(ckpt, "to_module", lambda d: dict(d))
     vec, base, P = to_module(update.vector), to_module(update.baseline), to_module(update.precond)
     theta = trainable(model, list(vec))
-    grad, value = score_gradient(model, E, q, temp, theta, dtype)
+    grad, value = score_gradient(model, E, q, temp, theta, dtype, normalise)
     g = group_index(E)
     noise = noise or default_noise(g)
     ubatch = update.batch
@@ -271,7 +259,7 @@ def influence(
         inf = scale * dot(grad, parts)
         mat = None
         if matrix or se:
-            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype)
+            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype, normalise=normalise)
             mat = scale * torch.stack(
                 [dot({k: per[k][j] for k in per}, parts) for j in range(len(E))]
             )
@@ -298,7 +286,7 @@ def influence(
         mask = ubatch.completion_mask.bool()
         sev = torch.full_like(tok, float("nan"))
         if se:
-            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype)
+            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype, normalise=normalise)
             cl = g if noise == "prompts" else torch.arange(len(E))
             K = int(cl.max()) + 1
             contrib = []
@@ -327,3 +315,15 @@ def influence(
         value=value,
         grad=grad,
     )
+
+
+class _CallableModule(type(contextlib)):
+    """``stepprobe.influence`` is this module and, called, the function: ``sp.influence(...)``."""
+
+    def __call__(self, *args, **kwargs):
+        return influence(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,8 +1,9 @@
 """True step change ΔQ(η) = Q(θ + η·lr·v) - Q(θ) by self-normalised importance sampling.
 
 MATH.md §3-4. Evaluation samples y_j ~ π_θ are shared by every direction and η (common
-random numbers); the base pass (η = 0) runs once. Weights are normalised within each
-prompt group, so every prompt counts equally. Every estimate carries a delta-method
+random numbers); the base pass (η = 0) runs once. Weights are normalised over all of E
+(``normalise="pooled"``, default: O(1/M) bias) or within each prompt group
+(``"group"``, MATH.md's choice: O(1/n_g) bias, see docs/math.md). Every estimate carries a delta-method
 standard error:
 
 - ``noise="prompts"``: prompts are a random draw (groups are iid clusters): the
@@ -31,6 +32,21 @@ from .quantities import Quantity, get_quantities, sequence_parts
 
 Z95 = 1.959963984540054
 Params = Mapping[str, torch.Tensor]
+
+
+def critical(df) -> float:
+    """Two-sided 95% critical value: Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df)) if df and df > 0 else math.nan
+
+
+def add_interval(table: pd.DataFrame, col: str = "estimate") -> pd.DataFrame:
+    """ci_low/ci_high = estimate ± t_{0.975, df}·se (df column; normal when absent)."""
+    q = table["df"].map(critical) if "df" in table else Z95
+    table["ci_low"] = table[col] - q * table["se"]
+    table["ci_high"] = table[col] + q * table["se"]
+    return table
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -122,6 +138,7 @@ def snis_change(
     b0: torch.Tensor | None,
     groups: torch.Tensor,
     noise: str = "prompts",
+    normalise: str = "pooled",
 ) -> dict:
     """SNIS estimate of ΔQ from per-sequence values, with its delta-method standard error.
 
@@ -136,6 +153,10 @@ def snis_change(
     g = groups
     G = int(g.max()) + 1
     n = torch.bincount(g, minlength=G).to(dt)
+    if normalise == "pooled":
+        return _snis_pooled(logw, a, b, a0, b0, g, G, n, noise)
+    if normalise != "group":
+        raise StepprobeError(f"normalise={normalise!r}; expected 'pooled' or 'group'")
     # Within-group normalised weights (stabilised by the group's max log-weight).
     gmax = torch.full((G,), -math.inf, dtype=dt).scatter_reduce(0, g, logw, "amax")
     w = torch.exp(logw - gmax[g])
@@ -177,7 +198,10 @@ def snis_change(
     else:
         raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
     ess_g = sw**2 / torch.zeros(G, dtype=dt).index_add_(0, g, w**2)
+    # Few clusters: the interval uses Student's t with G-1 degrees of freedom.
+    df = G - 1 if noise == "prompts" else len(a) - G
     return {
+        "df": df,
         "estimate": float(est),
         "se": float(var.sqrt()),
         "value": float(value),
@@ -187,12 +211,109 @@ def snis_change(
     }
 
 
+def _snis_pooled(logw, a, b, a0, b0, g, G, n, noise) -> dict:
+    """SNIS with one normalisation over all of E: Q̂ = Σ w a / Σ w b (b = 1 unless a ratio).
+
+    Unbiased weights have mean 1 under every prompt, so pooling is consistent for the
+    prompt-average, with O(1/M) bias instead of the O(1/n_g) of per-group normalisation.
+    The estimate is F(Ȳ) for per-sequence vectors Y_j = (w a, w b, w, a0, b0, 1); its
+    delta-method SE uses group sums (noise="prompts") or within-group deviations.
+    """
+    dt = a.dtype
+    w = torch.exp(logw - logw.max())
+    Y = torch.stack([w * a, w * b, w, a0, b0, torch.ones_like(a)], 1)  # [M, 6]
+
+    Yg = torch.zeros(G, 6, dtype=dt).index_add_(0, g, Y)
+    y = Ybar = Yg.mean(0)
+    est = y[0] / y[1] - y[3] / y[4]  # F(Ȳ); its gradient below (w-sums cancel in each ratio)
+    zero = torch.zeros((), dtype=dt)
+    grad = torch.stack([1 / y[1], -y[0] / y[1] ** 2, zero, -1 / y[4], y[3] / y[4] ** 2, zero])
+    if noise == "prompts":
+        if G < 2:
+            raise StepprobeError(
+                "noise='prompts' needs at least 2 prompt groups (Batch.group_ids); use noise='completions'"
+            )
+        var = ((Yg - Ybar) @ grad).pow(2).sum() / (G * (G - 1))
+    elif noise == "completions":
+        dev = (Y - (Yg / n[:, None])[g]) @ grad
+        var = ((n / (n - 1).clamp(min=1))[g] * dev**2).sum() / G**2
+    else:
+        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
+    return {
+        "df": G - 1 if noise == "prompts" else len(a) - G,
+        "estimate": float(est),
+        "se": float(var.sqrt()),
+        "value": float(Ybar[0] / Ybar[1]),
+        "base": float(Ybar[3] / Ybar[4]),
+        "ess": float(w.sum() ** 2 / (w**2).sum()),
+        "max_weight_share": float(w.max() / w.sum()),
+    }
+
+
+def linear_terms(
+    a: torch.Tensor, b: torch.Tensor | None, g: torch.Tensor, normalise: str = "pooled"
+):
+    """Constants (alpha, beta, gamma, Q0) with dQ̂ = Σ_j alpha_j da_j + beta_j db_j + gamma_j dlogπ_j.
+
+    The η-derivative at 0 of the SNIS estimator (pooled or per-group normalisation): the
+    score-function gradient of MATH.md §3 with the matching baseline, ratio quantities by
+    the delta method. Each term is one evaluation sequence's contribution.
+    """
+    a = a.double()
+    b = torch.ones_like(a) if b is None else b.double()
+    G = int(g.max()) + 1
+    if normalise == "pooled":
+        Sb = b.sum()
+        Q0 = a.sum() / Sb
+        alpha = torch.ones_like(a) / Sb
+        return alpha, -Q0 * alpha, alpha * (a - Q0 * b), float(Q0)
+    if normalise != "group":
+        raise StepprobeError(f"normalise={normalise!r}; expected 'pooled' or 'group'")
+    n = torch.bincount(g, minlength=G).double()
+    u = 1.0 / n[g]
+    abar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * a)
+    bbar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * b)
+    A0, B0 = abar.mean(), bbar.mean()
+    Q0 = A0 / B0
+    alpha = u / (G * B0)
+    return alpha, -Q0 * alpha, alpha * ((a - abar[g]) - Q0 * (b - bbar[g])), float(Q0)
+
+
+def cluster_se(contrib: torch.Tensor, groups: torch.Tensor, noise: str) -> torch.Tensor:
+    """SE of Σ_j contrib_j (contrib [M] or [M, ...]) over evaluation samples, by prompt group.
+
+    "prompts": group sums are iid clusters; "completions": prompts fixed, deviations within
+    each group (n_g/(n_g-1) small-sample factor).
+    """
+    c = contrib.double().reshape(contrib.shape[0], -1)
+    G = int(groups.max()) + 1
+    cg = torch.zeros(G, c.shape[1], dtype=c.dtype).index_add_(0, groups, c)
+    if noise == "prompts":
+        if G < 2:
+            raise StepprobeError(
+                "noise='prompts' needs at least 2 prompt groups; use noise='completions'"
+            )
+        var = G * cg.var(0)
+    elif noise == "completions":
+        n = torch.bincount(groups, minlength=G).double()
+        dev = c - (cg / n[:, None])[groups]
+        var = ((n / (n - 1).clamp(min=1))[groups, None] * dev**2).sum(0)
+    else:
+        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
+    return var.sqrt().reshape(contrib.shape[1:])
+
+
 def default_noise(groups: torch.Tensor) -> str:
     return "prompts" if int(groups.max()) >= 1 else "completions"
 
 
 def summarise(
-    values: Values, quantities, lr: float = 1.0, noise: str | None = None, rows_index=None
+    values: Values,
+    quantities,
+    lr: float = 1.0,
+    noise: str | None = None,
+    rows_index=None,
+    normalise: str = "pooled",
 ) -> pd.DataFrame:
     """The table: one row per (quantity, direction, η) with estimate, se, 95% interval, ESS.
 
@@ -210,17 +331,17 @@ def summarise(
         for q in qs:
             a, b = parts[q.name]
             a0, b0 = values.base[q.name]
-            r = snis_change(logw, sel(a), sel(b), sel(a0), sel(b0), g, noise)
+            r = snis_change(logw, sel(a), sel(b), sel(a0), sel(b0), g, noise, normalise)
             rows.append(
                 {"quantity": q.name, "direction": d, "eta": eta, "step_size": eta * lr, **r}
             )
     df = pd.DataFrame(rows)
     if len(df):
-        df["ci_low"] = df["estimate"] - Z95 * df["se"]
-        df["ci_high"] = df["estimate"] + Z95 * df["se"]
+        add_interval(df)
         df["ess_frac"] = df["ess"] / (len(g))
         df["estimator"] = "snis"
         df["noise"] = noise
+        df["normalise"] = normalise
     return df
 
 
@@ -236,11 +357,12 @@ def linear_change(
     theta: Params | None = None,
     noise: str | None = None,
     dtype: torch.dtype | None = None,
+    normalise: str = "pooled",
 ) -> pd.DataFrame:
     """First-order change η·lr·∇Q·v for each direction, by one jvp along v (MATH.md §3).
 
-    The jvp differentiates the per-group SNIS estimates at η = 0, so it is exactly the
-    η-derivative of ``snis_change`` on the same samples. Runs under the math SDPA kernel.
+    The jvp differentiates the SNIS estimate at η = 0 (same ``normalise``), so it is exactly
+    the η-derivative of ``snis_change`` on the same samples. Runs under the math SDPA kernel.
     """
     from .influence import math_attention
 
@@ -251,7 +373,6 @@ def linear_change(
     g = group_index(E)
     G = int(g.max()) + 1
     noise = noise or default_noise(g)
-    n = torch.bincount(g, minlength=G).double()
     rows = []
     for name, v in directions.items():
         keys = list(theta)
@@ -272,25 +393,11 @@ def linear_change(
         s = dparts["_logp"].double()
         for q in qs:
             (a, b), (da, db) = parts[q.name], dparts[q.name]
-            a, da = a.double(), da.double()
-            b, db = b.double(), db.double()
-            u = 1.0 / n[g]
-            abar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * a)
-            bbar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * b)
-            # d/dη of the group SNIS mean at 0: mean_j [a'_j + (a_j - ā_g) s_j].
-            ta = da + (a - abar[g]) * s
-            tb = db + (b - bbar[g]) * s
-            A0, B0 = abar.mean(), bbar.mean()
-            Q0 = A0 / B0
-            t = (ta - Q0 * tb) / B0  # per-sequence terms of dQ/dη (ratio by the delta method)
-            per_group = torch.zeros(G, dtype=t.dtype).index_add_(0, g, u * t)
-            slope = per_group.mean()
-            if noise == "prompts":
-                var = per_group.var() / G
-            else:
-                tbar = per_group[g]
-                var = (((t - tbar) * u) ** 2 * (n / (n - 1).clamp(min=1))[g]).sum() / G**2
-            se = float(var.sqrt())
+            alpha, beta, gamma, Q0 = linear_terms(a, b, g, normalise)
+            # per-sequence contributions to dQ̂/dη (they sum to the slope)
+            c = alpha * da.double() + beta * db.double() + gamma * s
+            slope = c.sum()
+            se = float(cluster_se(c, g, noise))
             for eta in etas:
                 s_eta = float(eta) * lr
                 rows.append({"quantity": q.name, "direction": name, "eta": float(eta), "step_size": s_eta,
@@ -298,10 +405,11 @@ def linear_change(
                              "base": float(Q0)})  # fmt: skip
     df = pd.DataFrame(rows)
     if len(df):
-        df["ci_low"] = df["estimate"] - Z95 * df["se"]
-        df["ci_high"] = df["estimate"] + Z95 * df["se"]
+        df["df"] = G - 1 if noise == "prompts" else len(E) - G
+        add_interval(df)
         df["estimator"] = "linear"
         df["noise"] = noise
+        df["normalise"] = normalise
     return df
 
 
@@ -371,6 +479,7 @@ def measure(
     directions=("full",),
     noise: str | None = None,
     dtype: torch.dtype | None = None,
+    normalise: str = "pooled",
 ) -> Measurement:
     """ΔQ for each (quantity, direction, η) on evaluation batch E (η in units of the run's lr).
 
@@ -385,9 +494,32 @@ def measure(
     tables, vals = [], None
     if estimator in ("snis", "both"):
         vals = evaluate(model, E, quantity, dirs, etas, temp, lr, dtype=dtype)
-        tables.append(summarise(vals, quantity, lr, noise))
+        tables.append(summarise(vals, quantity, lr, noise, normalise=normalise))
     if estimator in ("linear", "both"):
         tables.append(
-            linear_change(model, E, quantity, dirs, etas, temp, lr, noise=noise, dtype=dtype)
+            linear_change(
+                model,
+                E,
+                quantity,
+                dirs,
+                etas,
+                temp,
+                lr,
+                noise=noise,
+                dtype=dtype,
+                normalise=normalise,
+            )
         )
     return Measurement(table=pd.concat(tables, ignore_index=True), values=vals)
+
+
+class _CallableModule(type(math)):
+    """``stepprobe.measure`` is this module and, called, the function: ``sp.measure(...)``."""
+
+    def __call__(self, *args, **kwargs):
+        return measure(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
