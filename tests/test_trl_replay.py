@@ -87,7 +87,9 @@ def _weights(d, lora):
 
 
 def _rel(upd, a, b, names) -> float:
-    num = sum(((b[c].double() - a[c].double()) - upd.lr * upd.vector[c]).pow(2).sum() for c in names)
+    num = sum(
+        ((b[c].double() - a[c].double()) - upd.lr * upd.vector[c]).pow(2).sum() for c in names
+    )
     den = sum((b[c].double() - a[c].double()).pow(2).sum() for c in names)
     return float((num / den).sqrt())
 
@@ -121,7 +123,9 @@ def test_replay_reproduces_every_trl_step(run):
 def ckpt_next_log(out, step: int) -> float:
     import json
 
-    hist = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["log_history"]
+    hist = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
     return next(h["grad_norm"] for h in hist if h.get("step") == step and "grad_norm" in h)
 
 

@@ -120,3 +120,35 @@ def demo_run(
     from .demo.run import run_demo
 
     run_demo(out, variants=("full",) if full_only else ("full", "lora"), seed=seed)
+
+
+@app.command("update")
+@friendly
+def update_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="TRL/HF checkpoint directory"),
+    batch: str = typer.Option(..., "--batch", help="saved Batch dir, or a captured step dir (mb-0, ...)"),
+    out: str = typer.Option(..., "--out", help="output .safetensors (vector, baseline, precond)"),
+    base_model: str = typer.Option(None, "--base-model", help="base model dir for a LoRA checkpoint"),
+    settings: str = typer.Option(None, "--settings", help="YAML/JSON run settings (instead of training_args.bin)"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
+    parts: bool = typer.Option(False, "--sequence-parts", help="also write the per-sequence parts v_i"),
+):
+    """Replay the exact AdamW update of CHECKPOINT on BATCH and write it to OUT."""
+    import torch
+
+    from .capture import load_batch
+    from .checkpoint import load_checkpoint
+    from .update import replay_update, save_update
+
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if dtype not in dtypes:
+        raise StepprobeError(f"--dtype {dtype!r}: expected one of {sorted(dtypes)}")
+    b = load_batch(batch)
+    ckpt = load_checkpoint(checkpoint, base_model=base_model, settings=settings, dtype=dtypes[dtype])
+    upd = replay_update(ckpt, b)
+    save_update(upd, out, sequence_parts=parts)
+    s = upd.stats
+    console.print(
+        f"wrote {out}: lr={upd.lr:.4g} grad_norm={s['grad_norm']:.4g} clip={s['clip_coef']:.4g} "
+        f"step={s['step']} sequences={len(upd)}"
+    )

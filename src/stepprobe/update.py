@@ -443,3 +443,35 @@ def _to_dtype(mb: Batch, dtype: torch.dtype) -> Batch:
         if t is not None and t.is_floating_point():
             kw[n] = t.to(dtype)
     return replace(mb, **kw) if kw else mb
+
+
+def save_update(upd: Update, path, sequence_parts: bool = False) -> None:
+    """Write ``vector/<name>``, ``baseline/<name>``, ``precond/<name>`` (and ``parts/<name>``
+    [N, ...]) to one safetensors file, lr and stats in its metadata; atomic (temp + rename)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for prefix, d in (("vector", upd.vector), ("baseline", upd.baseline), ("precond", upd.precond)):
+        tensors.update({f"{prefix}/{c}": t.detach().contiguous() for c, t in d.items()})
+    if sequence_parts:
+        parts = upd.sequence_parts()
+        tensors.update({f"parts/{c}": t.contiguous() for c, t in parts.items()})
+    meta = {
+        "format": "stepprobe.update/1",
+        "lr": repr(upd.lr),
+        "stats": json.dumps(upd.stats, default=str),
+        "settings": json.dumps(upd.settings.to_dict(), default=str),
+        "checkpoint": str(upd.ckpt.path) if upd.ckpt is not None else "",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
