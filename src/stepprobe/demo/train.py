@@ -295,8 +295,9 @@ def tiny_grpo_run(
         loss_type=loss_type,
     )
     settings.update(config)
-    n_prompts = 4 * steps * settings["per_device_train_batch_size"] // settings["num_generations"]
-    records = task_mod.make_prompts(n_prompts, seed=seed + 1)
+    # A fixed dataset: its size sets the sampler's shuffle, so runs of different lengths
+    # with the same seed share their first steps.
+    records = task_mod.make_prompts(64, seed=seed + 1)
     return run_grpo(
         base_dir,
         out,
