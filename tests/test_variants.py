@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -442,3 +444,79 @@ def test_variant_replay_matches_real_adamw_step(tmp_path, max_grad_norm):
         assert upd.stats["clipped"] == (max_grad_norm < 1)
         # the variant's step differs from the run's own (else the check above proves nothing)
         assert rel_err(upd.grad, base.grad) > 1e-3, spec
+
+
+# ============================================================================ comparison
+def test_paired_differences_hand_values(tmp_path):
+    from stepprobe.variants.compare import exploration_plot, paired_differences
+
+    # Three repeats; the variant is the baseline plus (0.1, 0.2, 0.3): a shared repeat effect
+    # (1, 5, 9) that pairing cancels. Paired d = (0.1, 0.2, 0.3): mean 0.2, sd 0.1, se 0.1/√3,
+    # half-width t(0.975, 2) · se. Unpaired (Welch, equal variances 16 and 16.04/…): wide.
+    base = [1.0, 5.0, 9.0]
+    var = [1.1, 5.2, 9.3]
+    rows = []
+    for q in ("entropy", "reward"):
+        for r in range(3):
+            rows.append(
+                {
+                    "repeat": r,
+                    "variant": "baseline",
+                    "quantity": q,
+                    "estimator": "snis",
+                    "estimate": base[r],
+                }
+            )
+            rows.append(
+                {
+                    "repeat": r,
+                    "variant": "v",
+                    "quantity": q,
+                    "estimator": "snis",
+                    "estimate": var[r],
+                }
+            )
+    s = paired_differences(pd.DataFrame(rows))
+    row = s[(s.variant == "v") & (s.quantity == "entropy")].iloc[0]
+    hw = 4.302652729911275 * 0.1 / math.sqrt(3)  # scipy t.ppf(0.975, 2) = 4.3027
+    assert math.isclose(row["diff"], 0.2, rel_tol=1e-12)
+    assert math.isclose(row["diff_ci_high"] - row["diff"], hw, rel_tol=1e-9)
+    sa, sb = np.var(var, ddof=1) / 3, np.var(base, ddof=1) / 3
+    assert math.isclose(row["diff_se_unpaired"], math.sqrt(sa + sb), rel_tol=1e-12)
+    assert row["width_ratio"] < 0.05
+    p = exploration_plot(s, tmp_path / "x.png")
+    assert p.stat().st_size > 0 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_compare_and_removal_end_to_end(tmp_path):
+    """On a tiny real GRPO checkpoint: identical rules give identical ΔQ (exact pairing), and
+    the removal check runs (its figures on a larger batch are in the report)."""
+    import stepprobe as sp
+    from stepprobe.demo.task import digit_reward
+    from stepprobe.demo.train import tiny_grpo_run
+    from stepprobe.tasks import Task
+    from stepprobe.variants.compare import compare_variants, removal_check
+
+    tiny_grpo_run(tmp_path / "run", steps=1)
+    ckpt = sp.load_checkpoint(tmp_path / "run" / "checkpoint-1")
+    task = Task(
+        prompts=[f"{a}+{b}=" for a in range(10, 14) for b in range(20, 24)],
+        reward=lambda p, c, a=None: digit_reward(p, c),
+    )
+
+    def repeat(r):
+        U = sp.sample_batch(ckpt, task, prompts=2, per_prompt=4, seed=r)
+        E = sp.sample_batch(
+            ckpt, task, prompts=4, per_prompt=2, seed=100 + r, filter_zero_advantage=False
+        )
+        return U, E
+
+    cmp = compare_variants(ckpt, ["kl_cov", "w_reinforce"], repeat, n_repeats=2, eta=0.1)
+    t = cmp.table.pivot_table(index=["repeat", "quantity"], columns="variant", values="estimate")
+    # KL-Cov is inert on-policy: the same update, the same evaluation samples, the same ΔQ.
+    assert (t["kl_cov"] == t["baseline"]).all()
+    assert (t["w_reinforce"] != t["baseline"]).any()
+    U, E = repeat(0)
+    rem = removal_check(ckpt, U, E, k=1, level="sequence", eta=0.1)
+    assert list(rem.selection) == ["most_negative", "random"]
+    assert np.isfinite(rem[["predicted", "measured", "measured_linear"]].to_numpy()).all()
