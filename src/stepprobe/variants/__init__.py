@@ -6,6 +6,8 @@ own loss (loss.py), to hand to ``replay_update(..., objective=...)``. compare.py
 ΔH/ΔJ per variant and the removal check of the attributions.
 """
 
+from .compare import Comparison, compare_variants, paired_differences, removal_check
+from .objectives import Variant, parse_variant, prepare
 from .rules import (
     TokenState,
     advantage_reweight,
@@ -18,6 +20,13 @@ from .rules import (
 )
 
 __all__ = [
+    "Comparison",
+    "Variant",
+    "compare_variants",
+    "paired_differences",
+    "parse_variant",
+    "prepare",
+    "removal_check",
     "TokenState",
     "advantage_reweight",
     "clip_cov_weights",
