@@ -197,3 +197,65 @@ def test_study_failed_in_process_resumes_under_ray_and_errors_are_not_retried(
     _run(cfg, out, get_executor("ray"))
     _run(cfg, tmp_path / "straight")
     _assert_same(_tables(tmp_path / "straight"), _tables(out))
+
+
+# ---------------------------------------------------------------------- the real body
+@pytest.fixture(scope="module")
+def real_study(tmp_path_factory):
+    import json
+
+    import yaml
+
+    from stepprobe.demo.task import make_prompts
+    from stepprobe.demo.train import tiny_grpo_run
+
+    root = tmp_path_factory.mktemp("ray_real")
+    tiny_grpo_run(root / "run", steps=1)
+    (root / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in make_prompts(32, seed=5)))
+    data = {
+        "checkpoints": ["run"],
+        "task": "prompts.jsonl",
+        "task_options": {"reward": "stepprobe.demo.task:digit_reward"},
+        "update": {"prompts": 2, "per_prompt": 4},
+        "evaluation": {"prompts": 2, "per_prompt": 2},
+        "repeats": 2,
+        "etas": [1.0, 2.0],
+        "quantities": ["entropy"],
+        "estimators": ["snis", "linear"],
+        "directions": ["full"],
+        "influence": {"sequence": True, "token": True, "se": False},
+        "report": {"log_window": 1},
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_real_trial_body_through_the_cli_on_ray_equals_in_process(cluster, real_study, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from stepprobe.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(real_study),
+            "--out",
+            str(tmp_path / "ray"),
+            "--executor",
+            "ray",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    # A Ray task with num_cpus=1 runs torch on one thread; the reference does too, so that
+    # float reductions split the same way and the tables can be compared bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(real_study, tmp_path / "inproc", progress=False, report=False)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same(_tables(tmp_path / "inproc"), _tables(tmp_path / "ray"))
