@@ -108,7 +108,10 @@ def test_interval_coverage_over_independent_repetitions(setup, noise, normalise,
         rows = slice(r * G * n, (r + 1) * G * n)
         for q in QUANTITIES:
             (a, b), (a0, b0) = shifted[q], base[q]
-            cut = lambda x, rows=rows: None if x is None else x[rows]
+
+            def cut(x, rows=rows):
+                return None if x is None else x[rows]
+
             res = snis_change(
                 logw[rows], a[rows], cut(b), a0[rows], cut(b0), groups, noise, normalise
             )

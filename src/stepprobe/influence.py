@@ -192,6 +192,13 @@ def token_jvp(
     return out
 
 
+def flat(d: Params, like: Params | None = None) -> torch.Tensor:
+    """[n, P]: a dict of [n, *shape] tensors flattened and concatenated in ``like``'s order."""
+    keys = list(like if like is not None else d)
+    ref = next(iter(d.values()))
+    return torch.cat([d[k].reshape(ref.shape[0], -1).to(ref.dtype) for k in keys], 1)
+
+
 def dot(a: Params, b: Params) -> torch.Tensor:
     """Σ_k a_k·b_k over shared names (b may carry a leading batch dim: returns [n])."""
     out = None
@@ -260,9 +267,7 @@ def influence(
         mat = None
         if matrix or se:
             per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype, normalise=normalise)
-            mat = scale * torch.stack(
-                [dot({k: per[k][j] for k in per}, parts) for j in range(len(E))]
-            )
+            mat = scale * flat(per) @ flat(parts, per).T  # [M, N]
         sev = cluster_se(mat, g, noise) if se else torch.full_like(inf, float("nan"))
         table = (
             ubatch.table() if hasattr(ubatch, "table") else pd.DataFrame({"seq": range(len(inf))})
@@ -272,11 +277,11 @@ def influence(
         extra_mat = mat if matrix else None
         full_b = [dot(grad, vec), dot(grad, base)]
         if se:
-            per_v = torch.stack([dot({k: per[k][j] for k in per}, vec) for j in range(len(E))])
-            per_b = torch.stack([dot({k: per[k][j] for k in per}, base) for j in range(len(E))])
+            pv = flat(per) @ flat({k: vec[k][None] for k in per}, per).T
+            pb = flat(per) @ flat({k: base[k][None] for k in per}, per).T
             ses = [
-                float(cluster_se(scale * per_v, g, noise)),
-                float(cluster_se(scale * per_b, g, noise)),
+                float(cluster_se(scale * pv[:, 0], g, noise)),
+                float(cluster_se(scale * pb[:, 0], g, noise)),
             ]
         else:
             ses = [float("nan")] * 2
