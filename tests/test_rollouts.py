@@ -455,3 +455,23 @@ def test_sample_batch_from_a_real_trl_lora_checkpoint(tmp_path):
     # float32, 1e-5: as in the Qwen2 test, through PEFT's wrapper
     torch.testing.assert_close(b.token_logps, sc.logps, atol=1e-5, rtol=0)
     torch.testing.assert_close(b.token_entropy, sc.entropy, atol=1e-5, rtol=0)
+    # the CLI over the same call writes the same batch; bad input exits 2 with the message
+    from typer.testing import CliRunner
+
+    from stepprobe.cli import app
+
+    args = [
+        "sample",
+        "--checkpoint",
+        str(run.checkpoints[-1]),
+        "--task",
+        "arithmetic",
+        "--prompts",
+        "3",
+    ]
+    args += ["--per-prompt", "4", "--seed", "0", "--no-filter", "--out", str(tmp_path / "U")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert torch.equal(Batch.load(tmp_path / "U").completion_ids, b.completion_ids)
+    res = CliRunner().invoke(app, [*args[:4], "nope", *args[5:]])
+    assert res.exit_code == 2 and "unknown task 'nope'" in res.output

@@ -152,3 +152,31 @@ def update_cmd(
         f"wrote {out}: lr={upd.lr:.4g} grad_norm={s['grad_norm']:.4g} clip={s['clip_coef']:.4g} "
         f"step={s['step']} sequences={len(upd)}"
     )
+
+
+@app.command("sample")
+@friendly
+def sample_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="TRL/HF checkpoint directory"),
+    out: str = typer.Option(..., "--out", help="directory to write the Batch to (atomic)"),
+    task: str = typer.Option(None, "--task", help="task name or dataset path"),
+    prompts: int = typer.Option(8, "--prompts", help="prompts to draw (seeded)"),
+    per_prompt: int = typer.Option(8, "--per-prompt", help="completions per prompt (a group)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the prompt draw and of sampling"),
+    no_filter: bool = typer.Option(False, "--no-filter", help="keep zero-advantage groups (E)"),
+    max_resample: int = typer.Option(8, "--max-resample", help="resampling rounds (U)"),
+    base_model: str = typer.Option(None, "--base-model", help="LoRA base model dir"),
+):
+    """Sample a batch (U, or E with --no-filter) from CHECKPOINT the way the run sampled."""
+    from .checkpoint import load_checkpoint
+    from .rollouts import sample_batch
+
+    ckpt = load_checkpoint(checkpoint, base_model=base_model)
+    filt, rounds = not no_filter, max_resample
+    b = sample_batch(ckpt, task, prompts, per_prompt, seed, filter_zero_advantage=filt, max_resample=rounds)
+    b.save(out)
+    t = b.table()
+    console.print(
+        f"wrote {out}: {len(b)} sequences, mean reward {t['reward'].mean():.3f}, "
+        f"groups tried {b.info['groups_tried']} discarded {b.info['groups_discarded']}"
+    )
