@@ -26,19 +26,18 @@ from stepprobe.loss import token_losses
 def setup(hidden: int, layers: int, n: int, P: int, C: int):
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=hidden, num_layers=layers)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-2
-    opt.step()
     d = Path(tempfile.mkdtemp()) / "ckpt"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    # one group: the loader then expects the decay/no-decay split; rebuild it as the Trainer does
+    # an AdamW state with the Trainer's [decay, no-decay] groups, one step taken
     from transformers import Trainer
 
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = list(model.named_parameters())
-    groups = [{"params": [p for k, p in named if k in decay]}, {"params": [p for k, p in named if k not in decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for k, p in named if k in decay]},
+        {"params": [p for k, p in named if k not in decay], "weight_decay": 0.0},
+    ]
     opt2 = torch.optim.AdamW(groups, lr=1e-3)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
@@ -89,18 +88,30 @@ def main():
     def loop():
         for i in range(len(batch)):
             bi = batch.select([i])
-            torch.autograd.grad(token_losses(ckpt.model, bi, s, weights=upd.weights[0].rows([i])).sum(), params)
+            torch.autograd.grad(
+                token_losses(ckpt.model, bi, s, weights=upd.weights[0].rows([i])).sum(), params
+            )
 
     def vectorised():
         upd.sequence_parts(chunk=a.chunk)
 
     vectorised()  # warm-up (vmap tracing caches)
-    t_bwd, t_vec, t_loop = best(one_backward, a.repeats), best(vectorised, a.repeats), best(loop, a.repeats)
+    t_bwd, t_vec, t_loop = (
+        best(one_backward, a.repeats),
+        best(vectorised, a.repeats),
+        best(loop, a.repeats),
+    )
     n_params = sum(p.numel() for p in params)
-    print(f"model: Qwen2 hidden={a.hidden} layers={a.layers} params={n_params}; {a.n} sequences x ({a.prompt}+{a.completion}) tokens; chunk={a.chunk}; torch threads={torch.get_num_threads()}")
+    print(
+        f"model: Qwen2 hidden={a.hidden} layers={a.layers} params={n_params}; {a.n} sequences x ({a.prompt}+{a.completion}) tokens; chunk={a.chunk}; torch threads={torch.get_num_threads()}"
+    )
     print(f"one forward+backward over {a.n}: {t_bwd * 1e3:.1f} ms")
-    print(f"sequence_parts (vmap(grad), chunked): {t_vec * 1e3:.1f} ms  = {t_vec / t_bwd:.2f} x one forward+backward")
-    print(f"loop of {a.n} backward passes: {t_loop * 1e3:.1f} ms  = {t_loop / t_bwd:.2f} x one forward+backward")
+    print(
+        f"sequence_parts (vmap(grad), chunked): {t_vec * 1e3:.1f} ms  = {t_vec / t_bwd:.2f} x one forward+backward"
+    )
+    print(
+        f"loop of {a.n} backward passes: {t_loop * 1e3:.1f} ms  = {t_loop / t_bwd:.2f} x one forward+backward"
+    )
     print(f"loop / vectorised: {t_loop / t_vec:.2f}")
 
 
