@@ -49,10 +49,14 @@ def main() -> None:
     settings = {"temperature": 1.0, "max_completion_length": args.tokens}
     idx = list(range(args.prompts))
     rows = [i for i in idx for _ in range(args.per_prompt)]
-    p_ids, p_mask = _left_pad(tokenize_prompts(tok, [task.prompts[i] for i in rows]), tok.pad_token_id)
+    p_ids, p_mask = _left_pad(
+        tokenize_prompts(tok, [task.prompts[i] for i in rows]), tok.pad_token_id
+    )
 
     def run_sample(seed):
-        b = sample(model, tok, settings, task, idx, args.per_prompt, seed=seed, filter_zero_advantage=False)
+        b = sample(
+            model, tok, settings, task, idx, args.per_prompt, seed=seed, filter_zero_advantage=False
+        )
         return int(b.completion_mask.sum())
 
     def run_generate(seed):
