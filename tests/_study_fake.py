@@ -141,7 +141,7 @@ def make_fake_run(root: Path, steps=(10, 20), last_step: int = 40) -> Path:
 def fake_config(run: Path, **over) -> dict:
     d = {
         "checkpoints": [str(run)],
-        "task": "addition2",
+        "task": "arithmetic",
         "update": {"prompts": 4, "per_prompt": 4},
         "evaluation": {"prompts": 4, "per_prompt": 2},
         "repeats": 3,

@@ -289,3 +289,15 @@ def test_report_recovers_the_generating_model(tmp_path, run_dir):
     assert (out / "report" / "variance.csv").read_text() == before
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "no sequences.parquet" in " ".join(r.output.split())
+
+
+def test_config_names_match_the_estimators():
+    from stepprobe.quantities import QUANTITIES as REGISTRY
+    from stepprobe.study.config import QUANTITIES
+
+    assert set(QUANTITIES) == set(REGISTRY) - {"entropy_tok"}  # entropy_tok: alias of entropy
+
+
+def test_unknown_task_is_refused_before_any_work(tmp_path, run_dir):
+    with pytest.raises(StepprobeError, match="task: 'no-such-task' is neither a built-in task"):
+        parse_config(fake_config(run_dir, task="no-such-task"))

@@ -40,14 +40,14 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
 
     data = {
         "checkpoints": [str(Path(run_dir).resolve())],
-        "task": "addition2",
+        "task": "arithmetic",
         "update": {"prompts": 16, "per_prompt": 8, "filter_zero_advantage": True},
         "evaluation": {"prompts": 32, "per_prompt": 4, "filter_zero_advantage": False},
         "repeats": 4,
         "etas": [0.5, 1.0, 2.0],
         "quantities": ["entropy", "reward"],
         "estimators": ["snis", "linear"],
-        "directions": ["full", "baseline", "gradient"],
+        "directions": ["full", "baseline", "grad"],
         "seed": 0,
     }
     data.update(overrides)

@@ -12,16 +12,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import StepprobeError
 
-QUANTITIES = ("entropy", "sequence_entropy", "reward")
+# Names as stepprobe.quantities.QUANTITIES spells them (a test keeps the two in step).
+QUANTITIES = ("entropy", "entropy_seqmean", "entropy_seq", "reward")
 ESTIMATORS = ("snis", "linear")
-DIRECTIONS = ("full", "baseline", "gradient")
+DIRECTIONS = ("full", "baseline", "grad")
 PRECISIONS = ("float32", "float64", "bfloat16", "float16")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -49,6 +50,7 @@ class InfluenceSpec(_Strict):
 
     sequence: bool = True
     token: bool = True
+    se: bool = True  # standard errors of per-sequence influences (per-eval-sequence gradients)
 
 
 class ReportSpec(_Strict):
@@ -64,6 +66,7 @@ class StudyConfig(_Strict):
     checkpoints: list[str] = Field(min_length=1)
     base_model: str | None = None
     task: str
+    task_options: dict[str, Any] = {}
     update: BatchSpec
     evaluation: EvalSpec = EvalSpec(prompts=16, per_prompt=4)
     repeats: int = Field(gt=0)
@@ -71,7 +74,7 @@ class StudyConfig(_Strict):
     quantities: list[Literal[QUANTITIES]] = Field(default=["entropy", "reward"], min_length=1)  # type: ignore[valid-type]
     estimators: list[Literal[ESTIMATORS]] = Field(default=["snis", "linear"], min_length=1)  # type: ignore[valid-type]
     directions: list[Literal[DIRECTIONS]] = Field(
-        default=["full", "baseline", "gradient"], min_length=1
+        default=["full", "baseline", "grad"], min_length=1
     )  # type: ignore[valid-type]
     influence: InfluenceSpec = InfluenceSpec()
     seed: int = Field(0, ge=0)
@@ -186,8 +189,26 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
         cfg = StudyConfig.model_validate(data)
     except ValidationError as e:
         raise StepprobeError(_format_errors(e, source)) from None
-    ckpts = resolve_checkpoints(cfg.checkpoints, base or Path.cwd())
-    return cfg.model_copy(update={"checkpoints": [str(c) for c in ckpts]})
+    base = base or Path.cwd()
+    ckpts = resolve_checkpoints(cfg.checkpoints, base)
+    return cfg.model_copy(
+        update={"checkpoints": [str(c) for c in ckpts], "task": resolve_task(cfg.task, base)}
+    )
+
+
+def resolve_task(task: str, base: Path) -> str:
+    """A built-in task name as is; a dataset path made absolute (relative to ``base``)."""
+    from ..tasks import TASKS
+
+    if task in TASKS:
+        return task
+    p = Path(task).expanduser()
+    p = p if p.is_absolute() else base / p
+    if p.is_file():
+        return str(p.resolve())
+    raise StepprobeError(
+        f"task: '{task}' is neither a built-in task ({', '.join(sorted(TASKS))}) nor an existing dataset file (looked at {p})"
+    )
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -41,8 +41,7 @@ _CACHE: dict = {}
 def _checkpoint(trial: Trial):
     import torch
 
-    import stepprobe as sp
-
+    sp = _api()
     cfg = trial.config
     key = (trial.checkpoint, cfg.get("base_model"), cfg["precision"], cfg["device"])
     if key not in _CACHE:
@@ -89,18 +88,51 @@ def _sequence_features(batch, role: str) -> pd.DataFrame:
     return df
 
 
-def _influence_column(table: pd.DataFrame) -> pd.Series:
-    for name in ("influence", "estimate", "delta"):
-        if name in table:
-            return table[name]
-    raise KeyError(f"influence table has no influence column: {list(table.columns)}")
+def _sample(sp, ckpt, task, spec: dict, seed: int):
+    return sp.sample_batch(
+        ckpt,
+        task,
+        prompts=spec["prompts"],
+        per_prompt=spec["per_prompt"],
+        seed=seed,
+        filter_zero_advantage=spec["filter_zero_advantage"],
+    )
+
+
+def _token_text(ckpt, ids: pd.Series) -> list[str]:
+    tok = getattr(ckpt, "tokenizer", None)
+    if tok is None:
+        return [str(i) for i in ids]
+    return [str(t) for t in tok.convert_ids_to_tokens([int(i) for i in ids])]
+
+
+def _api():
+    """The public API. Imported from the modules: once ``stepprobe.influence`` (the module)
+    is imported, the package attribute of that name is the module, not the function."""
+    from types import SimpleNamespace
+
+    from ..checkpoint import load_checkpoint
+    from ..influence import influence
+    from ..measure import measure
+    from ..rollouts import sample_batch
+    from ..tasks import get_task
+    from ..update import replay_update
+
+    return SimpleNamespace(
+        load_checkpoint=load_checkpoint,
+        get_task=get_task,
+        sample_batch=sample_batch,
+        replay_update=replay_update,
+        measure=measure,
+        influence=influence,
+    )
 
 
 def run_trial(trial: Trial) -> TrialResult:
     """One replay: sample U and E, rebuild the update, measure changes and influences."""
     import torch
 
-    import stepprobe as sp
+    sp = _api()
 
     cfg = trial.config
     t0 = time.perf_counter()
@@ -113,76 +145,60 @@ def run_trial(trial: Trial) -> TrialResult:
 
     torch.manual_seed(trial.update_seed)  # belt and braces: sample_batch seeds its own draws
     ckpt = _checkpoint(trial)
-    task = sp.get_task(cfg["task"])
+    task = sp.get_task(cfg["task"], **cfg.get("task_options", {}))
     t = lap("load", t0)
-    u, e = cfg["update"], cfg["evaluation"]
-    U = sp.sample_batch(
-        ckpt,
-        task,
-        prompts=u["prompts"],
-        per_prompt=u["per_prompt"],
-        seed=trial.update_seed,
-        filter_zero_advantage=u["filter_zero_advantage"],
-    )
+    U = _sample(sp, ckpt, task, cfg["update"], trial.update_seed)
     t = lap("sample_update", t)
-    E = sp.sample_batch(
-        ckpt,
-        task,
-        prompts=e["prompts"],
-        per_prompt=e["per_prompt"],
-        seed=trial.eval_seed,
-        filter_zero_advantage=e["filter_zero_advantage"],
-    )
+    E = _sample(sp, ckpt, task, cfg["evaluation"], trial.eval_seed)
     t = lap("sample_eval", t)
     upd = sp.replay_update(ckpt, U)
     t = lap("update", t)
     info = {"step": int(ckpt.step), "lr": float(upd.lr), "update_size": len(U), "eval_size": len(E)}
-    info.update({k: float(v) for k, v in (upd.stats or {}).items() if isinstance(v, int | float)})
+    stats = (upd.stats or {}).items()
+    info.update({f"update_{k}": float(v) for k, v in stats if isinstance(v, int | float)})
     ids = _ids(trial, info)
 
-    changes = []
-    for q in cfg["quantities"]:
-        for est in cfg["estimators"]:
-            m = sp.measure(
-                ckpt,
-                upd,
-                E,
-                quantity=q,
-                etas=cfg["etas"],
-                estimator=est,
-                directions=cfg["directions"],
-            )
-            tab = m.table.copy()
-            tab["quantity"] = q
-            tab["estimator"] = est
-            changes.append(tab)
+    # One measure call covers every quantity (their integrands share the forward passes).
+    ests = cfg["estimators"]
+    m = sp.measure(
+        ckpt,
+        upd,
+        E,
+        quantity=list(cfg["quantities"]),
+        etas=cfg["etas"],
+        estimator="both" if len(ests) == 2 else ests[0],
+        directions=cfg["directions"],
+    )
+    ch = m.table.copy()
     t = lap("measure", t)
 
     seqs = pd.concat(
         [_sequence_features(U, "update"), _sequence_features(E, "eval")], ignore_index=True
     )
     toks = U.token_table()
+    toks["token"] = _token_text(ckpt, toks["token_id"])
+    nan_e = [float("nan")] * len(E)
+    inf_opts = cfg["influence"]
     for q in cfg["quantities"]:
-        if cfg["influence"]["sequence"]:
-            inf = sp.influence(ckpt, upd, E, quantity=q, level="sequence")
-            vals = _influence_column(inf.table).to_numpy()
-            seqs[f"influence_{q}"] = list(vals) + [float("nan")] * len(E)
-            if "se" in inf.table:
-                seqs[f"influence_{q}_se"] = list(inf.table["se"].to_numpy()) + [float("nan")] * len(
-                    E
-                )
-        if cfg["influence"]["token"]:
-            inf = sp.influence(ckpt, upd, E, quantity=q, level="token")
-            toks[f"influence_{q}"] = _influence_column(inf.table).to_numpy()
+        if inf_opts["sequence"]:
+            inf = sp.influence(
+                ckpt, upd, E, quantity=q, level="sequence", matrix=False, se=inf_opts["se"]
+            )
+            seqs[f"influence_{q}"] = list(inf.table["influence"].to_numpy()) + nan_e
+            seqs[f"influence_{q}_se"] = list(inf.table["se"].to_numpy()) + nan_e
+        if inf_opts["token"]:
+            inf = sp.influence(ckpt, upd, E, quantity=q, level="token", matrix=False, se=False)
+            if not (inf.table["seq"].to_numpy() == toks["seq"].to_numpy()).all():
+                raise RuntimeError("token influence rows do not follow Batch.token_table() order")
+            toks[f"influence_{q}"] = inf.table["influence"].to_numpy()
     lap("influence", t)
 
-    ch = pd.concat(changes, ignore_index=True)
-    lead = ["quantity", "estimator"]
+    lead = ["quantity", "estimator", "direction", "eta"]
     ch = ch[lead + [c for c in ch.columns if c not in lead]]
     ch["lr"] = info["lr"]
     tables = {
         "sequences": _with_ids(seqs, ids),
-        "tokens": _with_ids(toks if cfg["influence"]["token"] else toks.iloc[0:0], ids),
+        "tokens": _with_ids(toks if inf_opts["token"] else toks.iloc[0:0], ids),
         "changes": _with_ids(ch, ids),
     }
     timings["total"] = time.perf_counter() - t0
