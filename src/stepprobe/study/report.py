@@ -315,6 +315,40 @@ def build_report(out: str | Path) -> Path:
     return out / "report.md"
 
 
+def _main_rows(df: pd.DataFrame) -> pd.DataFrame:
+    if not len(df):
+        return df
+    est = "snis" if (df.estimator == "snis").any() else df.estimator.iloc[0]
+    return df[df.estimator == est]
+
+
+def _log_sentences(check: pd.DataFrame, pct: str) -> str:
+    """One line per checkpoint: predicted vs observed, and whether the intervals overlap."""
+    if not len(check):
+        return "_(no entropy predictions or no training log)_\n"
+    lines = []
+    for _, r in check.iterrows():
+        pred = f"{_fmt(r.predicted)} [{_fmt(r.predicted_ci_low)}, {_fmt(r.predicted_ci_high)}]"
+        if np.isfinite(r.observed_slope):
+            obs = (
+                f"{_fmt(r.observed_slope)} [{_fmt(r.observed_ci_low)}, {_fmt(r.observed_ci_high)}]"
+            )
+            overlap = (
+                r.predicted_ci_low <= r.observed_ci_high
+                and r.observed_ci_low <= r.predicted_ci_high
+            )
+            verdict = "intervals overlap" if overlap else "intervals do NOT overlap"
+            ratio = r.predicted / r.observed_slope if r.observed_slope else math.nan
+            lines.append(
+                f"- {r.checkpoint} (step {r.step}): predicted ΔH per step {pred}; log slope {obs} ({pct}); ratio {_fmt(ratio)}, {verdict}."
+            )
+        else:
+            lines.append(
+                f"- {r.checkpoint} (step {r.step}): predicted ΔH per step {pred}; too few log points around it for a slope."
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v) -> str:
     if isinstance(v, float | np.floating):
         if not np.isfinite(v):
@@ -359,13 +393,15 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
             ],
         ),
         "## Entropy change: predicted vs the training log\n",
+        _log_sentences(r["log_check"], pct),
         f"Predicted per-step change vs the slope of the log's `{cfg['report']['log_key']}` over ±{cfg['report']['log_window']} steps (local linear fit, HC1).\n",
         md_table(r["log_check"]),
         "## Variance split (update-batch draws vs evaluation samples)\n",
         "between_var: variance of per-repeat estimates; eval_var: mean within-repeat se²; update_var = max(0, between - eval).\n",
         md_table(r["variance"]),
         "## Allocation: repeats needed for the target interval width\n",
-        md_table(r["allocation"]),
+        "Full update, η = 1 (SNIS where measured); `optimal` marks the cost-optimal evaluation size from the measured per-trial times; all rows in report/allocation.csv.\n",
+        md_table(_main_rows(r["allocation"])),
         "## Linearity (ΔQ(η) = aη + bη², SNIS means over repeats)\n",
         md_table(r["linearity"]),
         "## What drives the change: influence regressed on features\n",
