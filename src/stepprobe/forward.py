@@ -58,10 +58,12 @@ def score(
 ) -> Scores:
     """Per-token log-probabilities (and entropies) of the completion tokens.
 
-    ``dtype`` promotes the logits before the softmax (float32 accumulation for bf16 models,
-    float64 for exact checks).
+    ``dtype`` promotes the logits before the softmax (float64 for exact checks); bf16/fp16
+    logits are always promoted to at least float32 (precision.py's policy).
     """
     logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, params)
+    if dtype is None and logits.dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32
     if dtype is not None:
         logits = logits.to(dtype)
     logp_all = torch.log_softmax(logits, dim=-1)

@@ -32,6 +32,7 @@ from .checkpoint import Checkpoint, RunSettings
 from .errors import StepprobeError
 from .forward import score
 from .loss import TokenWeights, check_settings, needs_entropy, token_terms, token_weights
+from .precision import accumulation_dtype
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); replicated so c matches the Trainer.
 CLIP_EPS = 1e-6
@@ -328,7 +329,7 @@ def replay_update(
     mbs, exact = _as_micro_batches(batch)
     model = ckpt.model
     vocab = model.get_input_embeddings().num_embeddings
-    dtype = ckpt.dtype
+    dtype = accumulation_dtype(ckpt.dtype)  # the loss, gradient sum and AdamW arithmetic
     mbs = [_to_dtype(mb, dtype) for mb in mbs]
     for k, mb in enumerate(mbs):
         _check_batch(mb, k, vocab, s)
@@ -337,7 +338,7 @@ def replay_update(
 
     params = ckpt.params()
     names = list(params)
-    g = {c: torch.zeros_like(p) for c, p in params.items()}
+    g = {c: torch.zeros_like(p, dtype=dtype) for c, p in params.items()}
     weights = []
     loss_total = 0.0
     for mb in mbs:
@@ -384,7 +385,7 @@ def replay_update(
     bc1s, bc2s, steps = {}, {}, {}
     with torch.no_grad():
         for c in names:
-            theta = params[c].detach()
+            theta = params[c].detach().to(dtype)
             st, hp = ckpt.optimizer_state[c], ckpt.optimizer_hparams[c]
             b1, b2 = hp["betas"]
             lam, eps, lr_p = hp["weight_decay"], hp["eps"], hp["lr"]
@@ -392,7 +393,7 @@ def replay_update(
             n1 = st["step"] + 1
             bc1, bc2 = 1 - b1**n1, 1 - b2**n1
             gc = g[c] * clip
-            m_new = st["exp_avg"].lerp(gc, 1 - b1)  # torch.optim.AdamW's arithmetic
+            m_new = st["exp_avg"].to(dtype).lerp(gc, 1 - b1)  # torch.optim.AdamW's arithmetic
             s_new = st["exp_avg_sq"] * b2 + (1 - b2) * gc * gc
             denom = s_new.sqrt() / math.sqrt(bc2) + eps
             vector[c] = -scale * (lam * theta + m_new / (bc1 * denom))

@@ -1,0 +1,131 @@
+"""Precision and memory policy for the GPU path.
+
+Weights may be stored in bfloat16 or float16 (half the memory, the tensor-core speed);
+everything that is summed or compared across many terms is accumulated in float32:
+
+- log-probabilities and entropies: the tempered logits are promoted before the
+  log-softmax (``forward.score(dtype=...)``): a bf16 log-softmax over a 150k vocabulary
+  loses ~2-3 significant digits, more than the per-step changes being measured;
+- the loss and the gradient sum over micro-batches (update.replay_update);
+- the optimizer arithmetic: AdamW moments, bias corrections, denominators and the update
+  vector v stay float32 (``apply_precision`` keeps the optimizer state as loaded);
+- estimator sums (SNIS weights, clustered variances) are already float64 in measure.py.
+
+float64 weights (exact checks) accumulate in float64. Overrides for simulated updates
+(θ+ηv) are built for the trainable tensors only: for a LoRA model that is the adapters,
+and ``functional_call(strict=False)`` takes the shared base weights from the module, so no
+base weight is ever copied per direction or per η.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import StepprobeError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+HALF = (torch.bfloat16, torch.float16)
+DEFAULT_CHUNK = 16  # sequences per vmap/forward chunk when memory cannot be queried (CPU)
+
+
+def weight_dtype(precision: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for a config's ``precision`` value."""
+    if isinstance(precision, torch.dtype):
+        if precision not in DTYPES.values():
+            raise StepprobeError(f"precision {precision}; expected one of {', '.join(DTYPES)}")
+        return precision
+    if precision not in DTYPES:
+        raise StepprobeError(f"precision {precision!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[precision]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums over many terms are taken: float64 for float64 weights, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (the first one found)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable cuda is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StepprobeError(f"device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def apply_precision(ckpt, precision: str | torch.dtype, device: str = "auto"):
+    """Cast a checkpoint loaded in float32 to ``precision`` weights on ``device``, in place.
+
+    The optimizer state (exp_avg, exp_avg_sq) stays in its accumulation dtype: load with
+    ``load_checkpoint(path, dtype=torch.float32)`` then call this, so the AdamW replay works
+    from the run's float32 moments rather than moments rounded to bf16.
+    """
+    dtype = weight_dtype(precision)
+    acc = accumulation_dtype(dtype)
+    dev = resolve_device(device)
+    ckpt.model.to(device=dev, dtype=dtype)
+    for st in ckpt.optimizer_state.values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            st[k] = st[k].to(device=dev, dtype=acc)
+    return ckpt
+
+
+def chunk_size(
+    bytes_per_item: int,
+    device: torch.device | str = "cpu",
+    fraction: float = 0.5,
+    default: int = DEFAULT_CHUNK,
+    maximum: int = 4096,
+) -> int:
+    """How many items (sequences) to evaluate at once.
+
+    On CUDA: ``fraction`` of the free memory (torch.cuda.mem_get_info, after the weights
+    are resident) divided by the memory one item needs, at least 1. Elsewhere: ``default``
+    (host memory is not the constraint on CPU; cache locality is).
+    """
+    if bytes_per_item <= 0:
+        raise StepprobeError(f"bytes_per_item={bytes_per_item}; expected > 0")
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return default
+    free, _total = torch.cuda.mem_get_info(dev)
+    return int(max(1, min(maximum, (free * fraction) // bytes_per_item)))
+
+
+def sequence_bytes(
+    seq_len: int,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    trainable: int = 0,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    per_sequence_grad: bool = False,
+) -> int:
+    """A rough upper bound of the memory one sequence costs in a chunk.
+
+    Logits in the accumulation dtype, promoted and log-softmaxed (3 [L, V] tensors, the
+    largest term for real vocabularies); activations kept for backward or jvp (~16 hidden
+    vectors per layer and position, in the weight dtype, with eager attention's [heads, L, L]
+    folded into that constant for L <= hidden); per-sequence gradients of the trainable
+    tensors (float32) when a vmap(grad) holds one per sequence.
+    """
+    w = torch.finfo(weight_dtype).bits // 8
+    acc = torch.finfo(accumulation_dtype(weight_dtype)).bits // 8
+    logits = 3 * seq_len * vocab * acc
+    acts = 16 * layers * seq_len * hidden * w
+    grads = 4 * trainable if per_sequence_grad else 0
+    return int(logits + acts + grads)
