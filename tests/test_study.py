@@ -115,6 +115,7 @@ def test_init_config_template_is_valid_and_documented(tmp_path, run_dir):
     assert text == template_text() and text.count("#") > 20
     data = yaml.safe_load(text)
     data["checkpoints"] = [str(run_dir)]
+    data["task"] = "arithmetic"
     cfg = parse_config(data)
     assert cfg.etas == [0.5, 1.0, 2.0]
     r = CliRunner().invoke(app, ["init-config", str(tmp_path / "s.yaml")])

@@ -40,7 +40,7 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
 
     data = {
         "checkpoints": [str(Path(run_dir).resolve())],
-        "task": "arithmetic",
+        "task": str(Path(run_dir).resolve()),  # the prompts the run trained on
         "update": {"prompts": 16, "per_prompt": 8, "filter_zero_advantage": True},
         "evaluation": {"prompts": 32, "per_prompt": 4, "filter_zero_advantage": False},
         "repeats": 4,

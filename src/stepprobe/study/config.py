@@ -197,17 +197,21 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
 
 
 def resolve_task(task: str, base: Path) -> str:
-    """A built-in task name as is; a dataset path made absolute (relative to ``base``)."""
+    """A built-in task name as is; a dataset file or demo run directory made absolute
+    (relative to ``base``)."""
     from ..tasks import TASKS
 
     if task in TASKS:
         return task
     p = Path(task).expanduser()
     p = p if p.is_absolute() else base / p
-    if p.is_file():
+    if p.is_file() or (
+        p.is_dir() and any((d / "stepprobe_demo.json").is_file() for d in (p, p.parent))
+    ):
         return str(p.resolve())
     raise StepprobeError(
-        f"task: '{task}' is neither a built-in task ({', '.join(sorted(TASKS))}) nor an existing dataset file (looked at {p})"
+        f"task: '{task}' is neither a built-in task ({', '.join(sorted(TASKS))}), a dataset "
+        f"file nor a demo run directory with stepprobe_demo.json (looked at {p})"
     )
 
 
