@@ -195,6 +195,15 @@ def test_changed_config_is_refused_unless_forced_and_force_keeps_compatible_tria
         parse_config(fake_config(run_dir)), out, body=fake_trial, progress=False, report=False
     )
     mtime = (out / "trials" / "checkpoint-10__r0000" / "info.json").stat().st_mtime_ns
+    # report settings may change without --force: the tables do not depend on them
+    run_study(
+        parse_config(fake_config(run_dir, report={"level": 0.9})),
+        out,
+        body=fake_trial,
+        progress=False,
+        report=False,
+    )
+    assert json.loads((out / "study.json").read_text())["config"]["report"]["level"] == 0.9
     more = parse_config(fake_config(run_dir, repeats=4))
     with pytest.raises(StepprobeError, match="different config.*repeats.*--force"):
         run_study(more, out, body=fake_trial, progress=False, report=False)

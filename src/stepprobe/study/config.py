@@ -124,7 +124,10 @@ class StudyConfig(_Strict):
         return self.model_dump(mode="json", exclude={"checkpoints", "repeats", "report"})
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Hash of what the study computes: all but the report settings (which
+        `stepprobe run` may change freely; the tables do not depend on them)."""
+        d = self.model_dump(mode="json", exclude={"report"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- loading
