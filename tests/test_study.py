@@ -168,12 +168,13 @@ def test_kill_9_mid_study_then_rerun_equals_an_uninterrupted_run(tmp_path, run_d
     # a half-written trial as a kill during the write would leave it
     (out / "trials" / ".tmp-checkpoint-20__r0001-999").mkdir()
     (out / "trials" / ".tmp-checkpoint-20__r0001-999" / "changes.parquet").write_bytes(b"PAR1")
+    (out / ".changes.parquet.tmp-999").write_bytes(b"PAR1")  # and a half-written table
     done_before = {d: (out / "trials" / d / "info.json").stat().st_mtime_ns for d in finished}
 
     env["FAKE_TRIAL_DELAY"] = "0"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not list((out / "trials").glob(".tmp-*"))
+    assert not list((out / "trials").glob(".tmp-*")) and not list(out.glob(".*.tmp-*"))
     # finished trials were not redone
     assert {
         d: (out / "trials" / d / "info.json").stat().st_mtime_ns for d in finished

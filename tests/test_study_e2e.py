@@ -131,9 +131,7 @@ def test_real_study_kill_9_resume_equals_uninterrupted(study_cfg, straight, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = Store(killed).finished()
-    assert len(done) == 1, (
-        f"the kill did not land mid-study: {done} {proc.stdout.read()[-2000:]}"
-    )
+    assert len(done) == 1, f"the kill did not land mid-study: {done} {proc.stdout.read()[-2000:]}"
     r = CliRunner().invoke(app, ["run", str(study_cfg), "--out", str(killed), "--no-progress"])
     assert r.exit_code == 0, r.output
     summary = json.loads((killed / "summary.json").read_text())

@@ -77,6 +77,8 @@ class Store:
         store.trials_dir.mkdir(parents=True, exist_ok=True)
         for tmp in store.trials_dir.glob(".tmp-*"):  # a write killed half-way
             shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in store.out.glob(".*.tmp-*"):  # an assembled table or json killed half-way
+            tmp.unlink(missing_ok=True)
         if force:
             for d in store.finished():
                 if store._fingerprint(d) != new["trial_fingerprint"]:
