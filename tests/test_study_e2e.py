@@ -113,17 +113,8 @@ def test_real_study_kill_9_resume_equals_uninterrupted(study_cfg, straight, tmp_
 
     # kill -9 after the first trial is written, then resume with the same command
     killed = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "stepprobe.cli",
-        "run",
-        str(study_cfg),
-        "--out",
-        str(killed),
-        "--no-progress",
-    ]
-    cmd = [sys.executable, "-c", "from stepprobe.cli import app; app()", *cmd[3:]]
+    run = ["run", str(study_cfg), "--out", str(killed), "--no-progress"]
+    cmd = [sys.executable, "-c", "from stepprobe.cli import app; app()", *run]  # `stepprobe run`
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and not Store(killed).finished() and proc.poll() is None:
@@ -132,7 +123,7 @@ def test_real_study_kill_9_resume_equals_uninterrupted(study_cfg, straight, tmp_
     proc.wait()
     done = Store(killed).finished()
     assert len(done) == 1, f"the kill did not land mid-study: {done} {proc.stdout.read()[-2000:]}"
-    r = CliRunner().invoke(app, ["run", str(study_cfg), "--out", str(killed), "--no-progress"])
+    r = CliRunner().invoke(app, run)
     assert r.exit_code == 0, r.output
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["trials"]["ran_this_time"] == 1
