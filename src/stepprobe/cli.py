@@ -103,8 +103,9 @@ def demo_train(
     seed: int = typer.Option(0, "--seed", help="Seed for model init, warm-up and GRPO."),
 ):
     """Warm up a tiny Qwen2 on 2-digit addition, then run TRL GRPO on CPU with checkpoints."""
-    from .demo.train import PLOT_FILE, train_demo
+    from .demo.train import PLOT_FILE, train_demo, use_demo_threads
 
+    use_demo_threads()
     run_dir = train_demo(out, lora=lora, seed=seed)
     console.print(f"run: {run_dir}\nplot: {run_dir / PLOT_FILE}")
 
@@ -126,12 +127,20 @@ def demo_run(
 @friendly
 def update_cmd(
     checkpoint: str = typer.Option(..., "--checkpoint", help="TRL/HF checkpoint directory"),
-    batch: str = typer.Option(..., "--batch", help="saved Batch dir, or a captured step dir (mb-0, ...)"),
+    batch: str = typer.Option(
+        ..., "--batch", help="saved Batch dir, or a captured step dir (mb-0, ...)"
+    ),
     out: str = typer.Option(..., "--out", help="output .safetensors (vector, baseline, precond)"),
-    base_model: str = typer.Option(None, "--base-model", help="base model dir for a LoRA checkpoint"),
-    settings: str = typer.Option(None, "--settings", help="YAML/JSON run settings (instead of training_args.bin)"),
+    base_model: str = typer.Option(
+        None, "--base-model", help="base model dir for a LoRA checkpoint"
+    ),
+    settings: str = typer.Option(
+        None, "--settings", help="YAML/JSON run settings (instead of training_args.bin)"
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
-    parts: bool = typer.Option(False, "--sequence-parts", help="also write the per-sequence parts v_i"),
+    parts: bool = typer.Option(
+        False, "--sequence-parts", help="also write the per-sequence parts v_i"
+    ),
 ):
     """Replay the exact AdamW update of CHECKPOINT on BATCH and write it to OUT."""
     import torch
@@ -144,7 +153,9 @@ def update_cmd(
     if dtype not in dtypes:
         raise StepprobeError(f"--dtype {dtype!r}: expected one of {sorted(dtypes)}")
     b = load_batch(batch)
-    ckpt = load_checkpoint(checkpoint, base_model=base_model, settings=settings, dtype=dtypes[dtype])
+    ckpt = load_checkpoint(
+        checkpoint, base_model=base_model, settings=settings, dtype=dtypes[dtype]
+    )
     upd = replay_update(ckpt, b)
     save_update(upd, out, sequence_parts=parts)
     s = upd.stats
@@ -173,7 +184,9 @@ def sample_cmd(
 
     ckpt = load_checkpoint(checkpoint, base_model=base_model)
     filt, rounds = not no_filter, max_resample
-    b = sample_batch(ckpt, task, prompts, per_prompt, seed, filter_zero_advantage=filt, max_resample=rounds)
+    b = sample_batch(
+        ckpt, task, prompts, per_prompt, seed, filter_zero_advantage=filt, max_resample=rounds
+    )
     b.save(out)
     t = b.table()
     console.print(

@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 
 from ..errors import StepprobeError
-from .train import META_FILE, PLOT_FILE, build_warm_base, checkpoint_dirs, train_demo
+from .train import (
+    META_FILE,
+    PLOT_FILE,
+    build_warm_base,
+    checkpoint_dirs,
+    train_demo,
+    use_demo_threads,
+)
 
 VARIANTS = {"full": False, "lora": True}
 
@@ -78,6 +85,7 @@ def run_demo(out: str | Path, variants=("full", "lora"), seed: int = 0, console=
     from rich.console import Console
 
     console = console or Console()
+    use_demo_threads()
     runs = ensure_runs(out, variants, seed=seed, log=console.print)
     summarise(runs, console)
     return runs
