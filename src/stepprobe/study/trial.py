@@ -46,14 +46,15 @@ def _checkpoint(trial: Trial):
     key = (trial.checkpoint, cfg.get("base_model"), cfg["precision"], cfg["device"])
     if key not in _CACHE:
         _CACHE.clear()
+        from ..precision import accumulation_dtype, apply_precision
+
         dtype = getattr(torch, _TORCH_DTYPES[cfg["precision"]])
-        ckpt = sp.load_checkpoint(trial.checkpoint, base_model=cfg.get("base_model"), dtype=dtype)
-        device = cfg["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device != "cpu":
-            ckpt.model.to(device)
-        _CACHE[key] = ckpt
+        # Loaded in the accumulation dtype, then the weights cast: AdamW moments stay float32
+        # for bf16/fp16 weights, and move to the device with the model (precision.py).
+        ckpt = sp.load_checkpoint(
+            trial.checkpoint, base_model=cfg.get("base_model"), dtype=accumulation_dtype(dtype)
+        )
+        _CACHE[key] = apply_precision(ckpt, dtype, cfg["device"])
     return _CACHE[key]
 
 
@@ -179,7 +180,7 @@ def run_trial(trial: Trial) -> TrialResult:
     toks["token"] = _token_text(ckpt, toks["token_id"])
     nan_e = [float("nan")] * len(E)
     inf_opts = cfg["influence"]
-    for q in cfg["quantities"]:
+    for q in inf_opts.get("quantities") or cfg["quantities"]:
         if inf_opts["sequence"]:
             inf = sp.influence(
                 ckpt, upd, E, quantity=q, level="sequence", matrix=False, se=inf_opts["se"]
