@@ -225,6 +225,17 @@ class Checkpoint:
     optimizer_hparams: dict[str, dict[str, Any]]
     log_history: list[dict] = field(default_factory=list)
     decay_names: list[str] = field(default_factory=list)  # checkpoint names in the decay group
+    # where π_ref comes from when beta != 0 (reference.py): None = LoRA adapter disabled / unknown
+    reference_model: Path | None = None
+    reference_source: str = ""
+    training_args: dict[str, Any] = field(default_factory=dict, repr=False)
+    _reference: Any = field(default=None, repr=False)  # the loaded reference model, cached
+
+    def reference_logps(self, batch) -> torch.Tensor:
+        """log π_ref [N, C] of the batch's completions, as TRL computes them (reference.py)."""
+        from .reference import reference_logps
+
+        return reference_logps(self, batch)
 
     def params(self) -> dict[str, torch.Tensor]:
         mod = dict(self.model.named_parameters())
@@ -335,13 +346,16 @@ def load_checkpoint(
     base_model: str | Path | None = None,
     settings: str | Path | Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
+    reference_model: str | Path | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory written by TRL's GRPOTrainer / the HF Trainer.
 
     ``base_model``: a local directory with the base model for a LoRA checkpoint (default:
     ``base_model_name_or_path`` in adapter_config.json). ``settings``: a YAML/JSON file or dict
     overriding (or replacing) training_args.bin. ``dtype``: the dtype the model is loaded in
-    (float64 for exact checks).
+    (float64 for exact checks). ``reference_model``: the directory of the model the run started
+    from, TRL's reference for beta != 0 (found in the run's records when they say; see
+    reference.py; LoRA runs use the base model with the adapter disabled).
     """
     path = Path(path)
     if not path.is_dir():
@@ -350,7 +364,10 @@ def load_checkpoint(
         path, "optimizer.pt", "the AdamW state; save checkpoints with save_only_model=False"
     )
     is_lora = (path / "adapter_config.json").is_file()
-    run_settings, _ = resolve_settings(path, settings)
+    from .reference import reference_path
+
+    ref_dir, ref_source = reference_path(path, reference_model, is_lora)
+    run_settings, raw_args = resolve_settings(path, settings)
     optim = run_settings.optim
     if optim not in ("adamw_torch", "adamw_torch_fused"):
         raise StepprobeError(
@@ -450,6 +467,9 @@ def load_checkpoint(
         optimizer_hparams=hparams,
         log_history=log_history,
         decay_names=[_ckpt_name(n, adapter) for n in groups[0]],
+        reference_model=ref_dir,
+        reference_source=ref_source,
+        training_args=raw_args,
     )
 
 

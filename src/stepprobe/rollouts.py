@@ -589,12 +589,16 @@ def sample_batch(
     prompt_indices: Sequence[int] | None = None,
     **kw,
 ) -> Batch:
-    """Sample U or E from a loaded :class:`~stepprobe.checkpoint.Checkpoint` (see :func:`sample`)."""
+    """Sample U or E from a loaded :class:`~stepprobe.checkpoint.Checkpoint` (see :func:`sample`).
+
+    When the run's beta != 0 the batch also carries ``ref_logps`` (reference.py), so
+    ``replay_update`` can add TRL's KL term.
+    """
     info = {
         "checkpoint": str(getattr(checkpoint, "path", "")),
         "step": getattr(checkpoint, "step", None),
     }
-    return sample(
+    batch = sample(
         checkpoint.model,
         checkpoint.tokenizer,
         checkpoint.settings,
@@ -608,3 +612,8 @@ def sample_batch(
         info=info,
         **kw,
     )
+    if float(getattr(checkpoint.settings, "beta", 0.0)) != 0.0:  # the KL term needs log π_ref
+        from .reference import with_reference
+
+        batch = with_reference(checkpoint, batch)
+    return batch
