@@ -204,3 +204,43 @@ def test_bad_precision_and_unavailable_device_are_errors():
         with pytest.raises(StepprobeError, match="'cuda': CUDA is not available"):
             precision.resolve_device("cuda")
     assert precision.resolve_device("cpu").type == "cpu"
+
+
+def test_bf16_study_trial_runs_with_float32_moments(tmp_path):
+    """The real trial body with precision: bfloat16 on CPU: bf16 weights, float32 AdamW
+    moments (loaded in float32, then cast), finite estimates with standard errors."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from stepprobe.demo.task import make_prompts
+    from stepprobe.demo.train import tiny_grpo_run
+    from stepprobe.study import load_config, run_study
+    from stepprobe.study import trial as trial_mod
+
+    tiny_grpo_run(tmp_path / "run", steps=1)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in make_prompts(32, seed=5)))
+    cfg = {
+        "checkpoints": ["run"],
+        "task": "p.jsonl",
+        "task_options": {"reward": "stepprobe.demo.task:digit_reward"},
+        "update": {"prompts": 2, "per_prompt": 4},
+        "evaluation": {"prompts": 2, "per_prompt": 2},
+        "repeats": 1,
+        "etas": [1.0],
+        "quantities": ["entropy"],
+        "estimators": ["snis", "linear"],
+        "directions": ["full"],
+        "influence": {"sequence": True, "token": True, "se": False},
+        "precision": "bfloat16",
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    run_study(load_config(tmp_path / "s.yaml"), tmp_path / "out", progress=False, report=False)
+    (ckpt,) = trial_mod._CACHE.values()
+    assert precision.model_dtype(ckpt.model) == torch.bfloat16
+    assert {st["exp_avg"].dtype for st in ckpt.optimizer_state.values()} == {torch.float32}
+    ch = pd.read_parquet(tmp_path / "out" / "changes.parquet")
+    assert len(ch) == 2 and np.isfinite(ch.estimate).all() and (ch.se > 0).all()
+    seq = pd.read_parquet(tmp_path / "out" / "sequences.parquet")
+    assert np.isfinite(seq[seq.role == "update"].influence_entropy).all()
+    trial_mod._CACHE.clear()
