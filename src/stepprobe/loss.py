@@ -113,8 +113,15 @@ def token_weights(
 def _high_entropy_mask(
     entropies: torch.Tensor, mask: torch.Tensor, threshold: float
 ) -> torch.Tensor:
-    """``GRPOTrainer.get_high_entropy_mask`` on one process: entropy >= its quantile."""
-    local = entropies[mask.bool()].float()
+    """``GRPOTrainer.get_high_entropy_mask`` on one process: entropy >= its quantile.
+
+    The quantile is taken in the entropies' own dtype (TRL's ``.float()`` only lifts half
+    precision): when it lands exactly on a token (odd counts, q = 0.5) that token must pass
+    ``>=``, and a float32-rounded cut compared with float64 entropies can drop it.
+    """
+    local = entropies[mask.bool()]
+    if local.dtype not in (torch.float32, torch.float64):
+        local = local.float()
     if local.numel() == 0:
         return torch.zeros_like(entropies, dtype=torch.bool)
     cut = torch.quantile(local, threshold)
