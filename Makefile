@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, so the package's range is already satisfied (CPU build here).
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,math]"
+	$(PY) -m pip install --quiet -e ".[dev,math,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)
