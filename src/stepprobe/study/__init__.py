@@ -35,7 +35,7 @@ __all__ = [
 
 def demo_config(run_dir, **overrides) -> StudyConfig:
     """The default study of the demo run in ``run_dir`` (all its checkpoints), sized to
-    finish in a few minutes on 2 CPU cores; ``overrides`` replace top-level keys."""
+    finish in a few minutes on 2 CPU cores (6 checkpoints x 3 repeats); ``overrides`` replace top-level keys."""
     from pathlib import Path
 
     data = {
@@ -43,11 +43,13 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
         "task": str(Path(run_dir).resolve()),  # the prompts the run trained on
         "update": {"prompts": 16, "per_prompt": 8, "filter_zero_advantage": True},
         "evaluation": {"prompts": 32, "per_prompt": 4, "filter_zero_advantage": False},
-        "repeats": 4,
+        "repeats": 3,
         "etas": [0.5, 1.0, 2.0],
         "quantities": ["entropy", "reward"],
         "estimators": ["snis", "linear"],
-        "directions": ["full", "baseline", "grad"],
+        "directions": ["full", "grad"],
+        # per-sequence influences as sums of the token jvp (no per-sequence gradients)
+        "influence": {"sequence": True, "token": True, "se": False, "quantities": ["entropy"]},
         "seed": 0,
     }
     data.update(overrides)

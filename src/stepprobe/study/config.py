@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import StepprobeError
 
@@ -51,6 +51,7 @@ class InfluenceSpec(_Strict):
     sequence: bool = True
     token: bool = True
     se: bool = True  # standard errors of per-sequence influences (per-eval-sequence gradients)
+    quantities: list[Literal[QUANTITIES]] | None = None  # type: ignore[valid-type]  # None: all of the study's
 
 
 class ReportSpec(_Strict):
@@ -101,6 +102,15 @@ class StudyConfig(_Strict):
             raise ValueError(f"entries must be distinct, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _influence_subset(self):
+        extra = set(self.influence.quantities or ()) - set(self.quantities)
+        if extra:
+            raise ValueError(
+                f"influence.quantities {sorted(extra)} are not in quantities {self.quantities}"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -140,9 +150,9 @@ def _format_errors(e: ValidationError, source: str) -> str:
         elif err["type"] == "missing":
             lines.append(f"missing required key '{key}'")
         else:
-            got = err.get("input")
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}': {msg} (got {got!r})")
+            got = f" (got {err.get('input')!r})" if err["loc"] else ""
+            lines.append(f"'{key}': {msg}{got}")
     allowed = ", ".join(StudyConfig.model_fields)
     return (
         f"{source}: invalid study config:\n  "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from .plan import Trial
@@ -181,17 +182,24 @@ def run_trial(trial: Trial) -> TrialResult:
     nan_e = [float("nan")] * len(E)
     inf_opts = cfg["influence"]
     for q in inf_opts.get("quantities") or cfg["quantities"]:
-        if inf_opts["sequence"]:
+        tok_inf = None
+        if inf_opts["token"]:
+            inf = sp.influence(ckpt, upd, E, quantity=q, level="token", matrix=False, se=False)
+            if not (inf.table["seq"].to_numpy() == toks["seq"].to_numpy()).all():
+                raise RuntimeError("token influence rows do not follow Batch.token_table() order")
+            tok_inf = inf.table["influence"].to_numpy()
+            toks[f"influence_{q}"] = tok_inf
+        if inf_opts["sequence"] and (inf_opts["se"] or tok_inf is None):
             inf = sp.influence(
                 ckpt, upd, E, quantity=q, level="sequence", matrix=False, se=inf_opts["se"]
             )
             seqs[f"influence_{q}"] = list(inf.table["influence"].to_numpy()) + nan_e
             seqs[f"influence_{q}_se"] = list(inf.table["se"].to_numpy()) + nan_e
-        if inf_opts["token"]:
-            inf = sp.influence(ckpt, upd, E, quantity=q, level="token", matrix=False, se=False)
-            if not (inf.table["seq"].to_numpy() == toks["seq"].to_numpy()).all():
-                raise RuntimeError("token influence rows do not follow Batch.token_table() order")
-            toks[f"influence_{q}"] = inf.table["influence"].to_numpy()
+        elif inf_opts["sequence"]:
+            # Without standard errors, δQ_i = Σ_t δQ_{i,t} (MATH.md §3): the token jvp already
+            # holds it, and per-sequence gradients (the costly part) are never built.
+            per_seq = np.bincount(toks["seq"].to_numpy(), weights=tok_inf, minlength=len(U))
+            seqs[f"influence_{q}"] = list(per_seq) + nan_e
     lap("influence", t)
 
     lead = ["quantity", "estimator", "direction", "eta"]
