@@ -49,6 +49,46 @@ def math_attention():
         yield
 
 
+# Embedding rows at ``padding_idx`` get no gradient from their lookups in a backward pass
+# (nn.Embedding's rule; forward values are unaffected), while forward-mode AD and finite
+# differences see them. A sampled pad token inside a completion is a real input, so:
+# ∇Q (the derivative of Q̂ on E) needs the true gradient, and the per-token jvp of the
+# update's losses needs the trainer's rule, under which TRL computed g_i.
+def _embeddings(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+
+
+@contextlib.contextmanager
+def true_gradient(model):
+    """Backward passes give the true gradient: no ``padding_idx`` exemption."""
+    embs = [(m, m.padding_idx) for m in _embeddings(model) if m.padding_idx is not None]
+    try:
+        for m, _ in embs:
+            m.padding_idx = None
+        yield
+    finally:
+        for m, idx in embs:
+            m.padding_idx = idx
+
+
+@contextlib.contextmanager
+def trainer_gradient(model):
+    """Forward-mode derivatives follow the trainer's backward: pad lookups carry no tangent."""
+
+    def hook(m, args, out):
+        pad = (args[0] == m.padding_idx).unsqueeze(-1)
+        return torch.where(pad, out.detach(), out)
+
+    handles = [
+        m.register_forward_hook(hook) for m in _embeddings(model) if m.padding_idx is not None
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # --------------------------------------------------------------------------- the surrogate
 @dataclass
 class Surrogate:
@@ -102,7 +142,8 @@ def score_gradient(
     def f(*ps):
         return _terms(model, E, q, temperature, dict(zip(keys, ps, strict=True)), s, dtype).sum()
 
-    grads = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
+    with true_gradient(model):
+        grads = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
     return dict(zip(keys, grads, strict=True)), s.value
 
 
@@ -169,17 +210,22 @@ def per_sequence_gradients(
     g = torch.func.grad(one)
     vg = torch.func.vmap(g, in_dims=(None, 0, 0, 0, 0, 0, 0, 0, 0))
     outs = []
-    for lo in range(0, len(E), chunk):
-        sl = slice(lo, lo + chunk)
-        outs.append(vg(prim, E.prompt_ids[sl], E.prompt_mask[sl], E.completion_ids[sl], E.completion_mask[sl],
-                       rew[sl], s.alpha[sl], s.beta[sl], s.gamma[sl]))  # fmt: skip
+    with true_gradient(model):
+        for lo in range(0, len(E), chunk):
+            sl = slice(lo, lo + chunk)
+            outs.append(vg(prim, E.prompt_ids[sl], E.prompt_mask[sl], E.completion_ids[sl], E.completion_mask[sl],
+                           rew[sl], s.alpha[sl], s.beta[sl], s.gamma[sl]))  # fmt: skip
     return {k: torch.cat([o[i] for o in outs]) for i, k in enumerate(keys)}
 
 
 def token_jvp(
-    token_losses: Callable[[dict], torch.Tensor], theta: Params, u: Params
+    token_losses: Callable[[dict], torch.Tensor], theta: Params, u: Params, model=None
 ) -> torch.Tensor:
-    """∇ℓ_{i,t}·u for every update token [N, C], by one jvp of the per-token losses along u."""
+    """∇ℓ_{i,t}·u for every update token [N, C], by one jvp of the per-token losses along u.
+
+    ``model``: the module ``token_losses`` runs; its pad lookups then follow the trainer's
+    backward rule (``trainer_gradient``), so the sums over t match v_i = P ⊙ g_i.
+    """
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
     tan = tuple(u[k].to(theta[k].dtype) if k in u else torch.zeros_like(theta[k]) for k in keys)
@@ -187,7 +233,8 @@ def token_jvp(
     def f(*ps):
         return token_losses(dict(zip(keys, ps, strict=True)))
 
-    with math_attention():
+    rule = trainer_gradient(model) if model is not None else contextlib.nullcontext()
+    with math_attention(), rule:
         _, out = torch.func.jvp(f, prim, tan)
     return out
 
@@ -287,7 +334,7 @@ def influence(
             ses = [float("nan")] * 2
     else:
         u = {k: grad[k] * P[k].to(grad[k].dtype) for k in grad if k in P}
-        tok = scale * token_jvp(update.token_losses, theta, u)
+        tok = scale * token_jvp(update.token_losses, theta, u, model)
         mask = ubatch.completion_mask.bool()
         sev = torch.full_like(tok, float("nan"))
         if se:
@@ -298,7 +345,7 @@ def influence(
             for c in range(K):
                 idx = (cl == c).nonzero().flatten()
                 uc = {k: per[k][idx].sum(0) * P[k].to(per[k].dtype) for k in per if k in P}
-                contrib.append(scale * token_jvp(update.token_losses, theta, uc))
+                contrib.append(scale * token_jvp(update.token_losses, theta, uc, model))
             contrib = torch.stack(contrib)  # [K, N, C] per-cluster sums
             sev = cluster_se(contrib, torch.arange(K) if noise == "prompts" else g, noise)
         seq, pos = mask.nonzero(as_tuple=True)
@@ -320,15 +367,3 @@ def influence(
         value=value,
         grad=grad,
     )
-
-
-class _CallableModule(type(contextlib)):
-    """``stepprobe.influence`` is this module and, called, the function: ``sp.influence(...)``."""
-
-    def __call__(self, *args, **kwargs):
-        return influence(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

@@ -511,15 +511,3 @@ def measure(
             )
         )
     return Measurement(table=pd.concat(tables, ignore_index=True), values=vals)
-
-
-class _CallableModule(type(math)):
-    """``stepprobe.measure`` is this module and, called, the function: ``sp.measure(...)``."""
-
-    def __call__(self, *args, **kwargs):
-        return measure(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
