@@ -41,7 +41,13 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
     data = {
         "checkpoints": [str(Path(run_dir).resolve())],
         "task": str(Path(run_dir).resolve()),  # the prompts the run trained on
-        "update": {"prompts": 16, "per_prompt": 8, "filter_zero_advantage": True},
+        # late in the run most groups have identical rewards: allow many resampling rounds
+        "update": {
+            "prompts": 16,
+            "per_prompt": 8,
+            "filter_zero_advantage": True,
+            "max_resample": 64,
+        },
         "evaluation": {"prompts": 32, "per_prompt": 4, "filter_zero_advantage": False},
         "repeats": 3,
         "etas": [0.5, 1.0, 2.0],

@@ -37,6 +37,7 @@ class BatchSpec(_Strict):
     prompts: int = Field(gt=0)
     per_prompt: int = Field(gt=0)
     filter_zero_advantage: bool = True
+    max_resample: int = Field(8, ge=0)  # resampling rounds for groups filtered out
 
 
 class EvalSpec(BatchSpec):

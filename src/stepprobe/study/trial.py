@@ -98,6 +98,7 @@ def _sample(sp, ckpt, task, spec: dict, seed: int):
         per_prompt=spec["per_prompt"],
         seed=seed,
         filter_zero_advantage=spec["filter_zero_advantage"],
+        max_resample=spec.get("max_resample", 8),
     )
 
 
