@@ -35,7 +35,7 @@ __all__ = [
 
 def demo_config(run_dir, **overrides) -> StudyConfig:
     """The default study of the demo run in ``run_dir`` (all its checkpoints), sized to
-    finish in a few minutes on 2 CPU cores (6 checkpoints x 3 repeats); ``overrides`` replace top-level keys."""
+    finish in a few minutes on 2 CPU cores (6 checkpoints x 6 repeats); ``overrides`` replace top-level keys."""
     from pathlib import Path
 
     data = {
@@ -48,8 +48,9 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
             "filter_zero_advantage": True,
             "max_resample": 64,
         },
-        "evaluation": {"prompts": 32, "per_prompt": 4, "filter_zero_advantage": False},
-        "repeats": 3,
+        # evaluation noise dominates the demo's variance (see its allocation table): a large E
+        "evaluation": {"prompts": 64, "per_prompt": 4, "filter_zero_advantage": False},
+        "repeats": 6,
         "etas": [0.5, 1.0, 2.0],
         "quantities": ["entropy", "reward"],
         "estimators": ["snis", "linear"],

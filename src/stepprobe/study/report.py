@@ -46,7 +46,7 @@ def _reference_eta(etas) -> float:
 
 # ---------------------------------------------------------------------- tables
 def changes_by_checkpoint(changes: pd.DataFrame, level: float) -> pd.DataFrame:
-    keys = ["checkpoint", "checkpoint_index", "step", "quantity", "estimator", "direction", "eta"]
+    keys = ["checkpoint_index", "checkpoint", "step", "quantity", "estimator", "direction", "eta"]
     rows = []
     for k, g in changes.groupby(keys, sort=True):
         ci = stats.t_interval(g["estimate"], level)
@@ -67,9 +67,11 @@ def changes_by_checkpoint(changes: pd.DataFrame, level: float) -> pd.DataFrame:
 def variance_table(changes: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
     sel = changes[(changes["direction"] == "full") & np.isclose(changes["eta"], eta_ref)]
     rows = []
-    for k, g in sel.groupby(["checkpoint", "step", "quantity", "estimator"], sort=True):
+    for k, g in sel.groupby(
+        ["checkpoint_index", "checkpoint", "step", "quantity", "estimator"], sort=True
+    ):
         vc = stats.variance_components(g["estimate"], g["se"])
-        rows.append({"checkpoint": k[0], "step": k[1], "quantity": k[2], "estimator": k[3], **vc})
+        rows.append({"checkpoint": k[1], "step": k[2], "quantity": k[3], "estimator": k[4], **vc})
     return pd.DataFrame(rows)
 
 
@@ -115,9 +117,8 @@ def allocation_table(
 
 def linearity_table(by_ckpt: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
     rows = []
-    for k, g in by_ckpt[by_ckpt.estimator == "snis"].groupby(
-        ["checkpoint", "step", "quantity", "direction"], sort=True
-    ):
+    snis = by_ckpt[by_ckpt.estimator == "snis"].sort_values(["checkpoint_index", "eta"])
+    for k, g in snis.groupby(["checkpoint", "step", "quantity", "direction"], sort=False):
         fit = stats.linearity_fit(g["eta"], g["mean"])
         lin = by_ckpt[
             (by_ckpt.estimator == "linear")
@@ -279,7 +280,7 @@ def build_report(out: str | Path) -> Path:
         regressions(
             tables["tokens"],
             TOKEN_FEATURES,
-            ["checkpoint", "repeat", "seq"],
+            ["checkpoint", "repeat"],
             level,
             interaction=("correct", "prob"),
         )
@@ -405,7 +406,7 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
         "## Linearity (ΔQ(η) = aη + bη², SNIS means over repeats)\n",
         md_table(r["linearity"]),
         "## What drives the change: influence regressed on features\n",
-        "Continuous features standardised (coefficient per SD, `feature_sd`); `correct` is 0/1; cluster-robust (CR1) errors by trial (sequences) or by sequence (tokens).\n",
+        "Continuous features standardised (coefficient per SD, `feature_sd`); `correct` is 0/1; cluster-robust (CR1) errors by trial: a trial's influences share its evaluation batch and update, so they are not independent. Pooled over checkpoints.\n",
         "### Update sequences\n",
         md_table(
             r["regression_sequences"],
