@@ -54,7 +54,7 @@ def delta_vs_eta(by_ckpt: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xlabel("η (x run lr)")
         ax.set_ylabel(f"Δ{q}")
         ax.set_title(q)
-    axes[0][0].legend(fontsize=6)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(fig, path)
 
 
@@ -149,7 +149,7 @@ def token_influence(tokens: pd.DataFrame, path: Path, n: int = 4) -> Path | None
         & (tokens.repeat == tokens.repeat.min())
     ]
     top = first.groupby("seq")[ycol].apply(lambda s: s.abs().sum()).nlargest(n).index
-    fig, axes = plt.subplots(len(top), 1, figsize=(7, 1.6 * len(top)), squeeze=False)
+    fig, axes = plt.subplots(len(top), 1, figsize=(7, 2.0 * len(top)), squeeze=False)
     for ax, sq in zip(axes[:, 0], top, strict=True):
         g = first[first.seq == sq].sort_values("pos")
         ax.bar(g.pos, g[ycol], color=np.where(g[ycol] < 0, "tab:red", "tab:blue"))
@@ -159,6 +159,7 @@ def token_influence(tokens: pd.DataFrame, path: Path, n: int = 4) -> Path | None
         ax.set_title(f"seq {sq} (correct={ok}, A={g['advantage'].iloc[0]:.2f})", fontsize=8)
         ax.axhline(0, color="grey", lw=0.5)
     fig.supylabel(ycol, fontsize=8)
+    fig.tight_layout()
     return _save(fig, path)
 
 
