@@ -312,3 +312,22 @@ def test_config_names_match_the_estimators():
 def test_unknown_task_is_refused_before_any_work(tmp_path, run_dir):
     with pytest.raises(StepprobeError, match="task: 'no-such-task' is neither a built-in task"):
         parse_config(fake_config(run_dir, task="no-such-task"))
+
+
+def test_a_failing_trial_stops_the_study_and_keeps_the_finished_ones(tmp_path, run_dir):
+    cfg = parse_config(fake_config(run_dir))
+    calls = []
+
+    def flaky(trial):
+        calls.append(trial.trial_id)
+        if len(calls) == 3:
+            raise StepprobeError("sample_batch: too many identical groups")
+        return fake_trial(trial)
+
+    out = tmp_path / "out"
+    with pytest.raises(StepprobeError, match="identical groups"):
+        run_study(cfg, out, body=flaky, progress=False)
+    assert Store(out).finished() == set(calls[:2]) and not (out / "summary.json").exists()
+    run_study(cfg, out, body=fake_trial, progress=False, report=False)
+    run_study(cfg, tmp_path / "straight", body=fake_trial, progress=False, report=False)
+    _assert_same(_tables(out), _tables(tmp_path / "straight"))
