@@ -38,6 +38,7 @@ from .measure import (
     trainable,
 )
 from .quantities import get_quantity
+from .update import vmap_attention
 
 Params = Mapping[str, torch.Tensor]
 
@@ -210,7 +211,7 @@ def per_sequence_gradients(
     g = torch.func.grad(one)
     vg = torch.func.vmap(g, in_dims=(None, 0, 0, 0, 0, 0, 0, 0, 0))
     outs = []
-    with true_gradient(model):
+    with true_gradient(model), vmap_attention(model):  # vmap needs the eager mask
         for lo in range(0, len(E), chunk):
             sl = slice(lo, lo + chunk)
             outs.append(vg(prim, E.prompt_ids[sl], E.prompt_mask[sl], E.completion_ids[sl], E.completion_mask[sl],

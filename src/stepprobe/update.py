@@ -18,6 +18,7 @@ numbered across micro-batches in list order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,43 @@ from .precision import accumulation_dtype
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); replicated so c matches the Trainer.
 CLIP_EPS = 1e-6
+
+
+@contextlib.contextmanager
+def vmap_attention(model: torch.nn.Module):
+    """Eager attention for the duration (restored after): the one kind ``vmap`` can batch.
+
+    transformers' SDPA (and flash) mask builders read the padding mask with ``.item()`` to
+    decide whether the causal mask can be skipped, data-dependent control flow that
+    ``torch.func.vmap`` refuses; the eager path always builds the full additive mask, and
+    computes the same attention. A float64 model gets the float64 eager kernel
+    (checkpoint.EAGER64), so switching costs it no precision. Works on a PeftModel (its
+    ``config`` and ``set_attn_implementation`` are the base model's).
+    """
+    from .checkpoint import EAGER64, _eager64_attention
+
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if (
+        before is None
+        or before in ("eager", EAGER64)
+        or not hasattr(model, "set_attn_implementation")
+    ):
+        yield
+        return
+    eager = "eager"
+    if next(model.parameters()).dtype == torch.float64:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register(EAGER64, _eager64_attention)
+        AttentionMaskInterface.register(EAGER64, eager_mask)
+        eager = EAGER64
+    model.set_attn_implementation(eager)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 @dataclass
@@ -156,18 +194,20 @@ class Update:
             by_mb.setdefault(m, []).append((pos, r))
         out = {c: None for c in self.ckpt.names}
         inv = {mn: c for c, mn in self.ckpt.names.items()}
-        for m, items in by_mb.items():
-            f, rows = self._row_loss_fn(m, per_token=False)
-            g_fn = vmap(grad(f), in_dims=(None, 0))
-            for start in range(0, len(items), chunk):
-                part = items[start : start + chunk]
-                r = torch.tensor([r for _, r in part])
-                g = g_fn(p, {k: v[r] for k, v in rows.items()})
-                for mn, t in g.items():
-                    c = inv[mn]
-                    if out[c] is None:
-                        out[c] = t.new_zeros((len(idx), *t.shape[1:]))
-                    out[c][torch.tensor([pos for pos, _ in part])] = t.detach()
+        # vmap needs a mask built without data-dependent branches: eager attention
+        with vmap_attention(self.ckpt.model):
+            for m, items in by_mb.items():
+                f, rows = self._row_loss_fn(m, per_token=False)
+                g_fn = vmap(grad(f), in_dims=(None, 0))
+                for start in range(0, len(items), chunk):
+                    part = items[start : start + chunk]
+                    r = torch.tensor([r for _, r in part])
+                    g = g_fn(p, {k: v[r] for k, v in rows.items()})
+                    for mn, t in g.items():
+                        c = inv[mn]
+                        if out[c] is None:
+                            out[c] = t.new_zeros((len(idx), *t.shape[1:]))
+                        out[c][torch.tensor([pos for pos, _ in part])] = t.detach()
         return out
 
     def sequence_parts(self, index=None, chunk: int = 16) -> dict[str, torch.Tensor]:
