@@ -1,7 +1,8 @@
-"""`stepprobe demo run`: build the demo runs if missing, then summarise them.
+"""`stepprobe demo run` (what `make demo` runs): train the demo runs if missing, summarise
+them, then run (or resume) the default study on the full fine-tune and print its report.
 
-Structured as a list of stages (train, summarise) so later work (the full study) can be
-appended as further stages over the same run directories.
+Every stage is idempotent: a finished run is reused and a finished study resumes instantly,
+so rerunning after an interruption loses and repeats nothing.
 """
 
 from __future__ import annotations
@@ -80,12 +81,35 @@ def summarise(runs: dict, console) -> None:
         console.print(f"plot: {run_dir / PLOT_FILE}")
 
 
-def run_demo(out: str | Path, variants=("full", "lora"), seed: int = 0, console=None) -> dict:
-    """The `make demo` pipeline: train what is missing, then print per-checkpoint tables."""
+def study(run_dir: Path, out: Path, console) -> Path:
+    """The default study (``stepprobe.study.demo_config``) of one demo run; returns report.md."""
+    from ..study import demo_config, run_study
+
+    t0 = time.perf_counter()
+    console.print(f"study of {run_dir} -> {out} (resumes if interrupted)")
+    report = run_study(demo_config(run_dir), out)
+    console.print(f"  study done in {time.perf_counter() - t0:.0f}s")
+    return report
+
+
+def run_demo(
+    out: str | Path, variants=("full", "lora"), seed: int = 0, console=None, with_study=True
+) -> dict:
+    """The `make demo` pipeline: train what is missing, print per-checkpoint tables, then
+    study the full fine-tune's checkpoints. Returns {variant: run_dir} (+ "report")."""
     from rich.console import Console
 
     console = console or Console()
     use_demo_threads()
+    t0 = time.perf_counter()
     runs = ensure_runs(out, variants, seed=seed, log=console.print)
     summarise(runs, console)
-    return runs
+    result = dict(runs)
+    if with_study:
+        if "full" not in runs:
+            raise StepprobeError("the demo study needs the 'full' variant")
+        report = study(runs["full"], Path(out) / "study", console)
+        console.print(f"report: {report}")
+        result["report"] = report
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    return result
