@@ -193,3 +193,114 @@ def sample_cmd(
         f"wrote {out}: {len(b)} sequences, mean reward {t['reward'].mean():.3f}, "
         f"groups tried {b.info['groups_tried']} discarded {b.info['groups_discarded']}"
     )
+
+
+# ---------------------------------------------------------------------- estimators
+DTYPES = ("float32", "float64")
+
+
+def _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, out):
+    """Cheap checks first (a bad path fails before the model loads), then the update."""
+    from pathlib import Path
+
+    import torch
+
+    from .capture import load_batch
+    from .checkpoint import load_checkpoint
+    from .update import concat_batches, replay_update
+
+    if dtype not in DTYPES:
+        raise StepprobeError(f"--dtype {dtype!r}: expected one of {list(DTYPES)}")
+    if not Path(out).parent.is_dir():
+        raise StepprobeError(f"--out {out}: directory {Path(out).parent} does not exist")
+    U = load_batch(update_batch)
+    E = load_batch(eval_batch)
+    E = concat_batches(E) if isinstance(E, list) else E
+    ckpt = load_checkpoint(checkpoint, base_model=base_model, dtype=getattr(torch, dtype))
+    return ckpt, replay_update(ckpt, U), E
+
+
+def _write_parquet(table, out: str) -> None:
+    """Atomic: a temp name beside OUT, then os.replace; nothing left behind on failure."""
+    import os
+    from pathlib import Path
+
+    p = Path(out)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_CKPT = typer.Option(..., "--checkpoint", help="TRL/HF checkpoint directory")
+_U = typer.Option(..., "--update-batch", help="update batch U (saved Batch dir or step dir)")
+_E = typer.Option(..., "--eval-batch", help="evaluation batch E (saved Batch dir)")
+_BASE = typer.Option(None, "--base-model", help="base model dir for a LoRA checkpoint")
+_DTYPE = typer.Option("float32", "--dtype", help="float32 or float64")
+_NOISE = typer.Option(None, "--noise", help="prompts or completions (default: by E's groups)")
+_NORM = typer.Option("pooled", "--normalise", help="SNIS weights: pooled or group")
+
+
+@app.command("measure")
+@friendly
+def measure_cmd(
+    checkpoint: str = _CKPT,
+    update_batch: str = _U,
+    eval_batch: str = _E,
+    out: str = typer.Option(..., "--out", help="output .parquet (one row per q, direction, η)"),
+    quantity: list[str] = typer.Option(["entropy"], "--quantity", help="repeatable"),
+    eta: list[float] = typer.Option([1.0], "--eta", help="step size in units of lr; repeatable"),
+    estimator: str = typer.Option("snis", "--estimator", help="snis, linear or both"),
+    direction: list[str] = typer.Option(
+        ["full"], "--direction", help="full, baseline, grad, i or baseline+i; repeatable"
+    ),
+    noise: str = _NOISE,
+    normalise: str = _NORM,
+    base_model: str = _BASE,
+    dtype: str = _DTYPE,
+):
+    """ΔQ(η) of CHECKPOINT's step on the update batch, measured on the evaluation batch."""
+    from .measure import measure
+
+    if estimator not in ("snis", "linear", "both"):
+        raise StepprobeError(f"--estimator {estimator!r}: expected snis, linear or both")
+    ckpt, upd, E = _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, out)
+    dirs = [int(d) if d.isdigit() else d for d in direction]
+    m = measure(ckpt, upd, E, quantity, eta, estimator=estimator, directions=dirs, noise=noise,
+                normalise=normalise)  # fmt: skip
+    _write_parquet(m.table, out)
+    console.print(m.summary())
+    console.print(f"wrote {out}: {len(m.table)} rows")
+
+
+@app.command("influence")
+@friendly
+def influence_cmd(
+    checkpoint: str = _CKPT,
+    update_batch: str = _U,
+    eval_batch: str = _E,
+    out: str = typer.Option(..., "--out", help="output .parquet (one row per sequence/token)"),
+    quantity: str = typer.Option("entropy", "--quantity", help="entropy, entropy_seq, reward…"),
+    level: str = typer.Option("sequence", "--level", help="sequence or token"),
+    eta: float = typer.Option(1.0, "--eta", help="step size in units of lr"),
+    se: bool = typer.Option(True, "--se/--no-se", help="standard errors (more passes)"),
+    noise: str = _NOISE,
+    normalise: str = _NORM,
+    base_model: str = _BASE,
+    dtype: str = _DTYPE,
+):
+    """First-order δQ of every update sequence (or token) on the evaluation batch."""
+    from .influence import influence
+
+    if level not in ("sequence", "token"):
+        raise StepprobeError(f"--level {level!r}: expected sequence or token")
+    ckpt, upd, E = _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, out)
+    inf = influence(ckpt, upd, E, quantity, level=level, eta=eta, matrix=False, se=se,
+                    noise=noise, normalise=normalise)  # fmt: skip
+    _write_parquet(inf.table, out)
+    console.print(
+        f"wrote {out}: {len(inf.table)} rows; whole step {inf.full[0]:.4g} (se {inf.full[1]:.3g}), "
+        f"baseline {inf.baseline[0]:.4g}, Σ rows {inf.table.influence.sum():.4g}"
+    )
