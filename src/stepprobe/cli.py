@@ -116,11 +116,14 @@ def demo_run(
     out: str = typer.Option(..., "--out", help="Demo directory (trained there when missing)."),
     full_only: bool = typer.Option(False, "--full-only", help="Skip the LoRA variant."),
     seed: int = typer.Option(0, "--seed", help="Seed for model init, warm-up and GRPO."),
+    no_study: bool = typer.Option(False, "--no-study", help="Train and summarise only."),
 ):
-    """Build the demo runs if missing, then print a table per checkpoint and the plot path."""
+    """Build the demo runs if missing, print a table per checkpoint, then run the default
+    study on the full fine-tune and print where its report is."""
     from .demo.run import run_demo
 
-    run_demo(out, variants=("full",) if full_only else ("full", "lora"), seed=seed)
+    variants = ("full",) if full_only else ("full", "lora")
+    run_demo(out, variants=variants, seed=seed, with_study=not no_study)
 
 
 @app.command("update")
