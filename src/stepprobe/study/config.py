@@ -55,6 +55,21 @@ class InfluenceSpec(_Strict):
     quantities: list[Literal[QUANTITIES]] | None = None  # type: ignore[valid-type]  # None: all of the study's
 
 
+class RemovalSpec(_Strict):
+    """The removal check (MATH.md §3 read interventionally): drop the k update sequences
+    (and, separately, k tokens) with the most negative first-order entropy influence,
+    replay, measure the true ΔH; ``random`` draws of k random ones are the control."""
+
+    sequences: int = Field(0, ge=0)  # k sequences (0: no sequence check)
+    tokens: int = Field(0, ge=0)  # k tokens (0: no token check)
+    random: int = Field(1, ge=0)  # random controls per level
+    quantity: Literal[QUANTITIES] = "entropy"  # type: ignore[valid-type]
+
+    @property
+    def enabled(self) -> bool:
+        return self.sequences > 0 or self.tokens > 0
+
+
 class ReportSpec(_Strict):
     """Settings of the statistics only: changing them never invalidates finished trials."""
 
@@ -79,6 +94,10 @@ class StudyConfig(_Strict):
         default=["full", "baseline", "grad"], min_length=1
     )  # type: ignore[valid-type]
     influence: InfluenceSpec = InfluenceSpec()
+    # Update-rule variants replayed on each trial's U and measured on its E (paired with the
+    # run's own rule): specs as stepprobe.variants.parse_variant takes them.
+    variants: list[str | dict[str, Any]] = []
+    removal: RemovalSpec = RemovalSpec()
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
@@ -111,6 +130,33 @@ class StudyConfig(_Strict):
                 f"influence.quantities {sorted(extra)} are not in quantities {self.quantities}"
             )
         return self
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list) -> list:
+        from ..variants.objectives import PRESETS, parse_variant
+        from ..variants.rules import load_callable
+
+        names = []
+        for i, spec in enumerate(v):
+            try:
+                var = parse_variant(spec)
+                fn = var.params.get("fn") if var.kind == "weights" else None
+                if isinstance(fn, str):  # import the user's weight function now, not mid-study
+                    load_callable(fn)
+            except StepprobeError as e:
+                presets = "" if "preset" in str(e) else f" (presets: {', '.join(sorted(PRESETS))})"
+                raise ValueError(f"entry {i} ({spec!r}) is not a variant: {e}{presets}") from None
+            if var.kind in ("baseline", "remove"):
+                raise ValueError(
+                    f"entry {i} ({spec!r}): the run's own rule is always measured (as variant 'run') "
+                    "and removal has its own 'removal:' section; list other variants here"
+                )
+            names.append(var.name)
+        dupes = sorted({n for n in names if names.count(n) > 1} | ({"run"} & set(names)))
+        if dupes:
+            raise ValueError(f"variant names must be distinct and not 'run', got {dupes}")
+        return v
 
     @field_validator("device")
     @classmethod

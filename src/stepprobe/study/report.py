@@ -7,7 +7,11 @@ Writes OUT/report/*.csv (one file per table below), OUT/plots/*.png and OUT/repo
 - allocation: repeats needed at several evaluation sizes for a target interval width;
 - linearity: ΔQ(η) = aη + bη² fits and linear-vs-true at η = 1;
 - regression_sequences / regression_tokens: influence on features, cluster-robust SEs;
-- log_check: predicted per-step entropy change vs the training log's local slope.
+- log_check: predicted per-step entropy change vs the training log's local slope;
+- variants: ΔQ per update-rule variant and variant - run with paired and unpaired intervals
+  (variants.compare.paired_differences), per checkpoint, plus the exploration plots;
+- removal: predicted vs measured ΔH when the most negative (or random) k are removed.
+Every table but the variant ones reads the run's own rule (changes rows with variant "run").
 """
 
 from __future__ import annotations
@@ -36,7 +40,74 @@ def load_tables(out: Path) -> dict[str, pd.DataFrame]:
                 f"{out}: no {name}.parquet; is this a finished study directory (stepprobe run ... --out {out})?"
             )
         tables[name] = pd.read_parquet(f)
+    f = out / "removal.parquet"  # absent in studies made before the removal check
+    tables["removal"] = pd.read_parquet(f) if f.is_file() else pd.DataFrame()
     return tables
+
+
+def run_rows(changes: pd.DataFrame) -> pd.DataFrame:
+    """The run's own rule (every row, in tables made before variants existed)."""
+    if "variant" not in changes:
+        return changes
+    return changes[changes["variant"] == "run"].drop(columns="variant")
+
+
+def variants_table(changes: pd.DataFrame, eta_ref: float, level: float) -> pd.DataFrame:
+    """paired_differences per checkpoint at η_ref, full direction, the run's rule as baseline:
+    every variant of a repeat saw that repeat's U and E, so the differences are paired."""
+    from ..variants.compare import paired_differences
+
+    if "variant" not in changes or set(changes["variant"]) <= {"run"}:
+        return pd.DataFrame()
+    sel = changes[(changes["direction"] == "full") & np.isclose(changes["eta"], eta_ref)]
+    out = []
+    for (ci, ck, st), g in sel.groupby(["checkpoint_index", "checkpoint", "step"], sort=True):
+        d = paired_differences(g, baseline="run", level=level)
+        d.insert(0, "eta", eta_ref)
+        for c, v in (("step", st), ("checkpoint", ck), ("checkpoint_index", ci)):
+            d.insert(0, c, v)
+        out.append(d)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def removal_table(removal: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Predicted (-Σ δQ of the removed) vs measured ΔQ change, mean over repeats (and random
+    draws) with t intervals, per checkpoint, level and selection."""
+    if not len(removal):
+        return pd.DataFrame()
+    keys = ["checkpoint_index", "checkpoint", "step", "level", "k", "quantity", "selection"]
+    rows = []
+    for k, g in removal.groupby(keys, sort=True):
+        m = stats.t_interval(g["measured"], level)
+        p = stats.t_interval(g["predicted"], level)
+        rows.append(
+            {
+                **dict(zip(keys, k, strict=True)),
+                "n": m["n"],
+                "predicted": p["mean"],
+                "predicted_ci_low": p["ci_low"],
+                "predicted_ci_high": p["ci_high"],
+                "measured": m["mean"],
+                "measured_ci_low": m["ci_low"],
+                "measured_ci_high": m["ci_high"],
+                "measured_linear": float(g["measured_linear"].mean()),
+                "measured_over_predicted": m["mean"] / p["mean"] if p["mean"] else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def exploration_plots(var: pd.DataFrame, pdir: Path) -> list[Path]:
+    """ΔJ against ΔH per variant for each checkpoint (needs entropy and reward rows)."""
+    from ..variants.compare import exploration_plot
+
+    figs = []
+    if not len(var) or not {"entropy", "reward"} <= set(var["quantity"]):
+        return figs
+    est = "snis" if (var["estimator"] == "snis").any() else var["estimator"].iloc[0]
+    for (_, ck), g in var.groupby(["checkpoint_index", "checkpoint"], sort=True):
+        figs.append(exploration_plot(g, pdir / f"exploration_{ck}.png", estimator=est))
+    return figs
 
 
 def _reference_eta(etas) -> float:
@@ -253,7 +324,8 @@ def build_report(out: str | Path) -> Path:
     cfg = summary["config"]
     rep = cfg["report"]
     level = rep["level"]
-    changes = tables["changes"]
+    all_changes = tables["changes"]
+    changes = run_rows(all_changes)
     eval_samples = cfg["evaluation"]["prompts"] * cfg["evaluation"]["per_prompt"]
     eta_ref = _reference_eta(changes["eta"]) if len(changes) else 1.0
 
@@ -288,6 +360,8 @@ def build_report(out: str | Path) -> Path:
         else pd.DataFrame()
     )
     check = log_check(by_ckpt, history, rep["log_key"], rep["log_window"], eta_ref, level)
+    variants = variants_table(all_changes, eta_ref, level) if len(all_changes) else pd.DataFrame()
+    removal = removal_table(tables["removal"], level)
 
     rdir = out / "report"
     rdir.mkdir(exist_ok=True)
@@ -299,6 +373,8 @@ def build_report(out: str | Path) -> Path:
         "regression_sequences": reg_seq,
         "regression_tokens": reg_tok,
         "log_check": check,
+        "variants": variants,
+        "removal": removal,
     }
     for name, df in results.items():
         tmp = rdir / f".{name}.csv.tmp"
@@ -308,12 +384,83 @@ def build_report(out: str | Path) -> Path:
     pdir = out / "plots"
     pdir.mkdir(exist_ok=True)
     figs = plots.make_all(tables, by_ckpt, history, check, rep["log_key"], rep["log_window"], pdir)
+    figs += exploration_plots(variants, pdir)
     text = _markdown(out, cfg, summary, results, figs, eta_ref, level)
     tmp = out / ".report.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "report.md")
     write_json(rdir / "index.json", {"tables": sorted(results), "plots": [p.name for p in figs]})
     return out / "report.md"
+
+
+def _variant_section(var: pd.DataFrame, rem: pd.DataFrame, eta_ref: float, pct: str) -> list[str]:
+    s = []
+    if len(var):
+        main = _main_rows(var)
+        diffs = main[main.variant != "run"]
+        ratio = diffs["width_ratio"].dropna()
+        s += [
+            f"## Update-rule variants (η = {eta_ref:g} x lr, full update, paired with the run's rule)\n",
+            "Every variant replays its own AdamW step (own gradient, clip factor and Adam denominator) "
+            f"on the same update batch and is measured on the same evaluation samples as the run's rule in each repeat. "
+            f"`mean` [ci]: ΔQ with {pct} t intervals over repeats; `diff`: variant - run, with the paired interval "
+            "(t interval of the per-repeat differences) next to the unpaired (Welch) one; "
+            "`width_ratio` = paired / unpaired width (< 1: pairing narrowed it); `corr`: correlation of the variant's and the run's per-repeat ΔQ.\n",
+            (
+                f"Median width ratio over {len(ratio)} variant x checkpoint x quantity rows: {_fmt(float(ratio.median()))} "
+                f"(range {_fmt(float(ratio.min()))} to {_fmt(float(ratio.max()))}).\n"
+                if len(ratio)
+                else ""
+            ),
+            md_table(
+                main,
+                [
+                    "checkpoint",
+                    "step",
+                    "variant",
+                    "quantity",
+                    "estimator",
+                    "mean",
+                    "ci_low",
+                    "ci_high",
+                    "diff",
+                    "diff_ci_low",
+                    "diff_ci_high",
+                    "diff_ci_low_unpaired",
+                    "diff_ci_high_unpaired",
+                    "width_ratio",
+                    "corr",
+                ],
+            ),  # fmt: skip
+        ]
+    if len(rem):
+        s += [
+            "## Removal check: do the attributions hold when the items are taken out?\n",
+            "The k update sequences (or tokens) with the most negative first-order influence are removed by weight "
+            "(normalisers unchanged), the step replayed (clip factor and Adam denominator recomputed) and ΔQ measured "
+            "again on the same evaluation samples (SNIS, η = 1); `random` removes k random ones as the control. "
+            f"predicted = -Σ δQ of the removed; measured = ΔQ(without) - ΔQ(full); {pct} t intervals over repeats "
+            "(and random draws); measured_linear: the first-order change with the recomputed update.\n",
+            md_table(
+                rem,
+                [
+                    "checkpoint",
+                    "step",
+                    "level",
+                    "k",
+                    "quantity",
+                    "selection",
+                    "n",
+                    "predicted",
+                    "measured",
+                    "measured_ci_low",
+                    "measured_ci_high",
+                    "measured_linear",
+                    "measured_over_predicted",
+                ],
+            ),  # fmt: skip
+        ]
+    return s
 
 
 def _main_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -417,6 +564,7 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
             r["regression_tokens"],
             ["response", "term", "coef", "se", "ci_low", "ci_high", "p", "n", "clusters"],
         ),
+        *_variant_section(r["variants"], r["removal"], eta_ref, pct),
         "## Plots\n",
         *[f"![{p.stem}](plots/{p.name})\n" for p in figs],
         "\nTables: sequences.parquet, tokens.parquet, changes.parquet; statistics in report/*.csv; provenance in summary.json.\n",

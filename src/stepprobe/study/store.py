@@ -106,8 +106,8 @@ class Store:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        for name in TABLES:
-            result.tables[name].to_parquet(tmp / f"{name}.parquet", index=False)
+        for name in TABLES:  # a body may leave out tables it has no rows for (removal)
+            result.tables.get(name, pd.DataFrame()).to_parquet(tmp / f"{name}.parquet", index=False)
         info = {
             "trial_id": trial.trial_id,
             "checkpoint": trial.checkpoint,
@@ -131,7 +131,10 @@ class Store:
         return json.loads((self.trials_dir / trial_id / "info.json").read_text())
 
     def read_table(self, trial_id: str, name: str) -> pd.DataFrame:
-        return pd.read_parquet(self.trials_dir / trial_id / f"{name}.parquet")
+        f = self.trials_dir / trial_id / f"{name}.parquet"
+        if name == "removal" and not f.exists():  # a trial written before the removal table
+            return pd.DataFrame()
+        return pd.read_parquet(f)
 
     # ------------------------------------------------------------------ assembly
     def assemble(self, trials: list[Trial]) -> dict[str, pd.DataFrame]:

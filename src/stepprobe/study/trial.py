@@ -17,7 +17,7 @@ import pandas as pd
 
 from .plan import Trial
 
-TABLES = ("sequences", "tokens", "changes")
+TABLES = ("sequences", "tokens", "changes", "removal")
 _TORCH_DTYPES = {
     "float32": "float32",
     "float64": "float64",
@@ -131,6 +131,65 @@ def _api():
     )
 
 
+def _variant_changes(sp, ckpt, U, E, spec, cfg: dict) -> pd.DataFrame:
+    """ΔQ of one update-rule variant on the trial's own U and E (paired with the run's rule):
+    its own gradient, clip factor and Adam denominator, full direction only."""
+    from ..variants import parse_variant, prepare
+
+    v = parse_variant(spec)
+    vupd = prepare(v, ckpt.model, U, ckpt.settings).replay(ckpt)
+    ests = cfg["estimators"]
+    m = sp.measure(
+        ckpt,
+        vupd,
+        E,
+        quantity=list(cfg["quantities"]),
+        etas=cfg["etas"],
+        estimator="both" if len(ests) == 2 else ests[0],
+        directions=["full"],
+    )
+    tab = m.table.copy()
+    tab["variant"] = v.name
+    return tab
+
+
+def _removal(ckpt, U, E, upd, seqs, toks, cfg: dict, seed: int) -> pd.DataFrame:
+    """compare.removal_check at η = 1 for each enabled level, reusing the trial's update and
+    (when recorded for the quantity) its influences, so nothing is computed twice."""
+    from ..variants.compare import removal_check
+
+    spec = cfg.get("removal") or {}
+    q = spec.get("quantity", "entropy")
+    col = f"influence_{q}"
+    out = []
+    for level in ("sequence", "token"):
+        k = int(spec.get(f"{level}s", 0))
+        if k <= 0:
+            continue
+        known = None
+        if level == "token" and col in toks:
+            known = toks[["seq", "pos", col]].rename(columns={col: "influence"})
+        elif level == "sequence" and col in seqs:
+            known = seqs[seqs["role"] == "update"][["seq", col]]
+            known = known.rename(columns={col: "influence"}).reset_index(drop=True)
+        out.append(
+            removal_check(
+                ckpt,
+                U,
+                E,
+                k,
+                level=level,
+                quantity=q,
+                eta=1.0,
+                seed=seed,
+                n_random=int(spec.get("random", 1)),
+                update=upd,
+                influences=known,
+            )  # fmt: skip
+        )
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
 def run_trial(trial: Trial) -> TrialResult:
     """One replay: sample U and E, rebuild the update, measure changes and influences."""
     import torch
@@ -201,15 +260,25 @@ def run_trial(trial: Trial) -> TrialResult:
             # holds it, and per-sequence gradients (the costly part) are never built.
             per_seq = np.bincount(toks["seq"].to_numpy(), weights=tok_inf, minlength=len(U))
             seqs[f"influence_{q}"] = list(per_seq) + nan_e
-    lap("influence", t)
+    t = lap("influence", t)
 
-    lead = ["quantity", "estimator", "direction", "eta"]
+    ch["variant"] = "run"
+    parts = [ch]
+    for spec in cfg.get("variants") or ():
+        parts.append(_variant_changes(sp, ckpt, U, E, spec, cfg))
+    ch = pd.concat(parts, ignore_index=True)
+    t = lap("variants", t)
+    removal = _removal(ckpt, U, E, upd, seqs, toks, cfg, trial.update_seed)
+    lap("removal", t)
+
+    lead = ["variant", "quantity", "estimator", "direction", "eta"]
     ch = ch[lead + [c for c in ch.columns if c not in lead]]
     ch["lr"] = info["lr"]
     tables = {
         "sequences": _with_ids(seqs, ids),
         "tokens": _with_ids(toks if inf_opts["token"] else toks.iloc[0:0], ids),
         "changes": _with_ids(ch, ids),
+        "removal": _with_ids(removal, ids),
     }
     timings["total"] = time.perf_counter() - t0
     return TrialResult(tables=tables, info=info, timings=timings)

@@ -221,26 +221,33 @@ def removal_check(
     eta: float = 1.0,
     seed: int = 0,
     n_random: int = 1,
+    update=None,
+    influences: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Predicted (-Σ δH) against measured change of ΔH when k sequences/tokens leave U.
 
     Rows: selection "most_negative" and ``n_random`` draws "random"; columns predicted,
     measured (SNIS at η, minus the full batch's on the same E), measured_linear (first
     order with the recomputed update: separates nonlinearity in η from the denominator
-    and clip recomputation), and the items removed.
+    and clip recomputation), and the items removed. ``update`` (the run's rule replayed on
+    U) and ``influences`` (columns seq[, pos], influence at this η, in Batch.token_table
+    order for tokens) skip recomputing what a caller already has.
     """
     from ..influence import influence
 
     if level not in ("sequence", "token"):
         raise StepprobeError(f"removal_check: level {level!r}; expected 'sequence' or 'token'")
     base = prepare("baseline", ckpt.model, U, ckpt.settings)
-    upd = base.replay(ckpt)
+    upd = update if update is not None else base.replay(ckpt)
     full = _measure(ckpt, upd, E, [quantity], eta, "both")
     full_snis = float(full.loc[full["estimator"] == "snis", "estimate"].iloc[0])
     full_lin = float(full.loc[full["estimator"] == "linear", "estimate"].iloc[0])
-    inf = influence(
-        ckpt, upd, E, quantity=quantity, level=level, eta=eta, matrix=False, se=False
-    ).table
+    if influences is not None:
+        inf = influences.reset_index(drop=True)
+    else:
+        inf = influence(
+            ckpt, upd, E, quantity=quantity, level=level, eta=eta, matrix=False, se=False
+        ).table
     n_items = len(inf)
     if not 1 <= k < n_items:
         raise StepprobeError(f"removal_check: k={k}; expected 1 <= k < {n_items} ({level}s in U)")
