@@ -140,6 +140,11 @@ def test_removal_rows_predict_from_the_recorded_influences(study):
         "token",
     }
     assert np.isfinite(rem[["predicted", "measured", "measured_linear"]]).all().all()
+    # the removal baseline is the run's own ΔH on the same E (SNIS, η = 1, full update)
+    ch = t["changes"]
+    run = ch[(ch.variant == "run") & (ch.quantity == "entropy") & (ch.estimator == "snis")]
+    run = run[(run.eta == 1.0) & (run.direction == "full")].set_index("repeat").estimate
+    np.testing.assert_array_equal(rem.full.to_numpy(), run.loc[rem["repeat"]].to_numpy())
     tok, seq = t["tokens"], t["sequences"]
     for _, r in rem.iterrows():
         items = ast.literal_eval(r.removed)

@@ -153,14 +153,18 @@ def _variant_changes(sp, ckpt, U, E, spec, cfg: dict) -> pd.DataFrame:
     return tab
 
 
-def _removal(ckpt, U, E, upd, seqs, toks, cfg: dict, seed: int) -> pd.DataFrame:
-    """compare.removal_check at η = 1 for each enabled level, reusing the trial's update and
-    (when recorded for the quantity) its influences, so nothing is computed twice."""
-    from ..variants.compare import removal_check
+def _removal(ckpt, U, E, upd, seqs, toks, ch, cfg: dict, seed: int) -> pd.DataFrame:
+    """compare.removal_check at η = 1 for each enabled level, reusing the trial's update,
+    its full-update ΔQ at η = 1 and (when recorded for the quantity) its influences, so
+    nothing is computed twice."""
+    from ..variants.compare import ESTIMATORS, removal_check
 
     spec = cfg.get("removal") or {}
     q = spec.get("quantity", "entropy")
     col = f"influence_{q}"
+    at1 = ch[(ch["quantity"] == q) & (ch["direction"] == "full") & np.isclose(ch["eta"], 1.0)]
+    est = at1.set_index("estimator")["estimate"]
+    full = tuple(float(est[e]) for e in ESTIMATORS) if set(ESTIMATORS) <= set(est.index) else None
     out = []
     for level in ("sequence", "token"):
         k = int(spec.get(f"{level}s", 0))
@@ -185,7 +189,8 @@ def _removal(ckpt, U, E, upd, seqs, toks, cfg: dict, seed: int) -> pd.DataFrame:
                 n_random=int(spec.get("random", 1)),
                 update=upd,
                 influences=known,
-            )  # fmt: skip
+                full=full,
+            )
         )
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
@@ -268,7 +273,7 @@ def run_trial(trial: Trial) -> TrialResult:
         parts.append(_variant_changes(sp, ckpt, U, E, spec, cfg))
     ch = pd.concat(parts, ignore_index=True)
     t = lap("variants", t)
-    removal = _removal(ckpt, U, E, upd, seqs, toks, cfg, trial.update_seed)
+    removal = _removal(ckpt, U, E, upd, seqs, toks, parts[0], cfg, trial.update_seed)
     lap("removal", t)
 
     lead = ["variant", "quantity", "estimator", "direction", "eta"]

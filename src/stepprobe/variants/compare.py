@@ -28,6 +28,7 @@ from ..errors import StepprobeError
 from .objectives import parse_variant, prepare
 
 QUANTITIES = ("entropy", "reward")
+ESTIMATORS = ("snis", "linear")
 
 
 def _measure(ckpt, update, E, quantities, eta: float, estimator: str) -> pd.DataFrame:
@@ -223,6 +224,7 @@ def removal_check(
     n_random: int = 1,
     update=None,
     influences: pd.DataFrame | None = None,
+    full: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """Predicted (-Σ δH) against measured change of ΔH when k sequences/tokens leave U.
 
@@ -231,7 +233,8 @@ def removal_check(
     order with the recomputed update: separates nonlinearity in η from the denominator
     and clip recomputation), and the items removed. ``update`` (the run's rule replayed on
     U) and ``influences`` (columns seq[, pos], influence at this η, in Batch.token_table
-    order for tokens) skip recomputing what a caller already has.
+    order for tokens) and ``full`` (that update's (SNIS, linear) ΔQ on E at this η) skip
+    recomputing what a caller already has.
     """
     from ..influence import influence
 
@@ -239,9 +242,10 @@ def removal_check(
         raise StepprobeError(f"removal_check: level {level!r}; expected 'sequence' or 'token'")
     base = prepare("baseline", ckpt.model, U, ckpt.settings)
     upd = update if update is not None else base.replay(ckpt)
-    full = _measure(ckpt, upd, E, [quantity], eta, "both")
-    full_snis = float(full.loc[full["estimator"] == "snis", "estimate"].iloc[0])
-    full_lin = float(full.loc[full["estimator"] == "linear", "estimate"].iloc[0])
+    if full is None:
+        t = _measure(ckpt, upd, E, [quantity], eta, "both")
+        full = tuple(float(t.loc[t["estimator"] == e, "estimate"].iloc[0]) for e in ESTIMATORS)
+    full_snis, full_lin = full
     if influences is not None:
         inf = influences.reset_index(drop=True)
     else:
