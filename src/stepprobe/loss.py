@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import StepprobeError
-from .forward import score
+from .forward import score_batch
 
 if TYPE_CHECKING:
     from .batch import Batch
@@ -195,12 +195,9 @@ def token_losses(
     the defaults the batch is one whole optimizer step (no accumulation, dapo normalised by
     its own tokens). Replaying TRL's micro-batches exactly: see ``update.replay_update``.
     """
-    s = score(
+    s = score_batch(
         model,
-        batch.prompt_ids,
-        batch.prompt_mask,
-        batch.completion_ids,
-        batch.completion_mask,
+        batch,
         temperature=settings.temperature,
         params=params,
         entropy=needs_entropy(settings),

@@ -31,7 +31,7 @@ from torch.func import grad, jacrev, vmap
 from .batch import Batch
 from .checkpoint import Checkpoint, RunSettings
 from .errors import StepprobeError
-from .forward import score
+from .forward import score, score_batch
 from .loss import TokenWeights, check_settings, needs_entropy, token_terms, token_weights
 from .precision import accumulation_dtype
 
@@ -277,12 +277,9 @@ class Update:
 
 
 def score_mb(model, mb: Batch, s: RunSettings, params=None):
-    return score(
+    return score_batch(
         model,
-        mb.prompt_ids,
-        mb.prompt_mask,
-        mb.completion_ids,
-        mb.completion_mask,
+        mb,
         temperature=s.temperature,
         params=params,
         entropy=needs_entropy(s),
