@@ -78,6 +78,13 @@ def test_bad_variant_is_refused_before_any_work(tmp_path, study_cfg, variants, n
         assert "clip_cov" in msg and "high_entropy" in msg  # the presets are listed
 
 
+def test_removal_larger_than_the_update_batch_is_refused(study_cfg):
+    data = yaml.safe_load(study_cfg.read_text())
+    data["removal"] = {"sequences": 8}
+    with pytest.raises(StepprobeError, match=r"removal.sequences = 8 must be below .* size 8"):
+        parse_config(data, base=study_cfg.parent)
+
+
 def test_variant_rows_are_paired_with_the_run(study):
     out, _ = study
     ch = _tables(out)["changes"]

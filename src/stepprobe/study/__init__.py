@@ -35,7 +35,8 @@ __all__ = [
 
 def demo_config(run_dir, **overrides) -> StudyConfig:
     """The default study of the demo run in ``run_dir`` (all its checkpoints), sized to
-    finish in a few minutes on 2 CPU cores (6 checkpoints x 6 repeats); ``overrides`` replace top-level keys."""
+    finish in a few minutes on 2 CPU cores (6 checkpoints x 6 repeats, 4 update-rule variants,
+    removal check on); ``overrides`` replace top-level keys."""
     from pathlib import Path
 
     data = {
@@ -57,6 +58,11 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
         "directions": ["full", "grad"],
         # per-sequence influences as sums of the token jvp (no per-sequence gradients)
         "influence": {"sequence": True, "token": True, "se": False, "quantities": ["entropy"]},
+        # Each variant adds ~0.5 s per trial and the removal check ~1.5 s (measured on the
+        # demo run, 1 thread): with 36 trials the study takes ~3 min, inside `make demo`'s
+        # 10-minute budget next to ~3 min of training (docs/benchmarks.md).
+        "variants": ["advantage_reweight", "entropy_bonus", "high_entropy", "w_reinforce"],
+        "removal": {"sequences": 8, "tokens": 32, "random": 1},
         "seed": 0,
     }
     data.update(overrides)

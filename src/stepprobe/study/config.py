@@ -131,6 +131,16 @@ class StudyConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _removal_fits(self):
+        n = self.update.prompts * self.update.per_prompt
+        if self.removal.sequences >= n:
+            raise ValueError(
+                f"removal.sequences = {self.removal.sequences} must be below the update batch size {n} "
+                "(update.prompts x update.per_prompt)"
+            )
+        return self
+
     @field_validator("variants")
     @classmethod
     def _variants(cls, v: list) -> list:
