@@ -176,7 +176,10 @@ def compare_variants(
 
 
 def exploration_plot(summary: pd.DataFrame, path, estimator: str | None = None) -> Path:
-    """ΔJ against ΔH per variant, error bars = the t intervals across repeats."""
+    """ΔJ against ΔH per variant. Left: each rule's one-step effect, error bars = t
+    intervals across repeats. Right (when the summary has paired differences): variant
+    minus the run's rule with the paired intervals, which is where variants separate —
+    their absolute effects share most of their noise with the run's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,18 +193,27 @@ def exploration_plot(summary: pd.DataFrame, path, estimator: str | None = None) 
     names = [v for v in h.index if v in j.index]
     if not names:
         raise StepprobeError("exploration_plot: the summary needs 'entropy' and 'reward' rows")
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for v in names:
-        x, y = h.loc[v, "mean"], j.loc[v, "mean"]
-        xe = (h.loc[v, "ci_high"] - h.loc[v, "ci_low"]) / 2
-        ye = (j.loc[v, "ci_high"] - j.loc[v, "ci_low"]) / 2
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3)
-        ax.annotate(v, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(0, color="0.8", lw=0.8)
-    ax.axvline(0, color="0.8", lw=0.8)
-    ax.set_xlabel("ΔH (token-mean entropy)")
-    ax.set_ylabel("ΔJ (reward)")
-    ax.set_title(f"one step per variant ({est}, 95% intervals over repeats)")
+    paired = [v for v in names if "diff" in h and pd.notna(h.loc[v, "diff"])]
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 5.5, 4.4))
+    axes = list(np.atleast_1d(axes))
+    colors = {v: f"C{i % 10}" for i, v in enumerate(names)}
+    panels = [(axes[0], names, ("mean", "ci_low", "ci_high"), "one step per rule")]
+    if paired:
+        cols = ("diff", "diff_ci_low", "diff_ci_high")
+        panels.append((axes[1], paired, cols, "variant − run rule (paired intervals)"))
+    for ax, vs, (m, lo, hi), title in panels:
+        for v in vs:
+            x, y = h.loc[v, m], j.loc[v, m]
+            xerr = [[x - h.loc[v, lo]], [h.loc[v, hi] - x]]
+            yerr = [[y - j.loc[v, lo]], [j.loc[v, hi] - y]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=colors[v], label=v)
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.set_xlabel("ΔH (token-mean entropy)")
+        ax.set_ylabel("ΔJ (reward)")
+        ax.set_title(f"{title} ({est}, 95%)", fontsize=10)
+    # a legend instead of point labels: variants often land on top of each other
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp" + path.suffix)
