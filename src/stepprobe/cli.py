@@ -18,6 +18,19 @@ app.add_typer(demo_app, name="demo")
 console = Console(stderr=True)
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Our own progress bars and tables are the output: silence per-file weight-loading bars
+    and deprecation chatter from transformers/TRL unless the user asked for their logs."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "PYTHONWARNINGS" not in os.environ:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def friendly(fn):
     """Bad input exits non-zero with the message, not a traceback."""
 

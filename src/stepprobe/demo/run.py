@@ -89,7 +89,30 @@ def study(run_dir: Path, out: Path, console) -> Path:
     console.print(f"study of {run_dir} -> {out} (resumes if interrupted)")
     report = run_study(demo_config(run_dir), out)
     console.print(f"  study done in {time.perf_counter() - t0:.0f}s")
+    headline(out, console)
     return report
+
+
+def headline(study_dir: Path, console) -> None:
+    """The study's answer in one table: predicted entropy change per step at each
+    checkpoint (95% interval across repeats) next to the training log's own slope."""
+    import pandas as pd
+    from rich.table import Table
+
+    path = Path(study_dir) / "report" / "log_check.csv"
+    if not path.exists():
+        return
+    df = pd.read_csv(path)
+    t = Table(title="entropy change per step: predicted (SNIS, η=1) vs training-log slope")
+    for col in ("step", "predicted ΔH/step [95%]", "log slope [95%]"):
+        t.add_column(col, justify="right")
+    for r in df.itertuples():
+        t.add_row(
+            str(r.step),
+            f"{r.predicted:+.4f} [{r.predicted_ci_low:+.4f}, {r.predicted_ci_high:+.4f}]",
+            f"{r.observed_slope:+.4f} [{r.observed_ci_low:+.4f}, {r.observed_ci_high:+.4f}]",
+        )
+    console.print(t)
 
 
 def run_demo(
