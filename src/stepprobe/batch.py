@@ -74,23 +74,35 @@ class Batch:
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != n:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise StepprobeError(f"{where}: '{name}' must be a 2-D tensor with {n} rows, got {shape}")
+                raise StepprobeError(
+                    f"{where}: '{name}' must be a 2-D tensor with {n} rows, got {shape}"
+                )
         if self.prompt_mask.shape != self.prompt_ids.shape:
-            raise StepprobeError(f"{where}: 'prompt_mask' shape {tuple(self.prompt_mask.shape)} != prompt_ids {tuple(self.prompt_ids.shape)}")
+            raise StepprobeError(
+                f"{where}: 'prompt_mask' shape {tuple(self.prompt_mask.shape)} != prompt_ids {tuple(self.prompt_ids.shape)}"
+            )
         c_shape = self.completion_ids.shape
         if self.completion_mask.shape != c_shape:
-            raise StepprobeError(f"{where}: 'completion_mask' shape {tuple(self.completion_mask.shape)} != completion_ids {tuple(c_shape)}")
+            raise StepprobeError(
+                f"{where}: 'completion_mask' shape {tuple(self.completion_mask.shape)} != completion_ids {tuple(c_shape)}"
+            )
         for name in ("advantages", "rewards", "group_ids"):
             t = getattr(self, name)
             if t is not None and (t.ndim != 1 or t.shape[0] != n):
-                raise StepprobeError(f"{where}: '{name}' must have shape ({n},), got {tuple(t.shape)}")
+                raise StepprobeError(
+                    f"{where}: '{name}' must have shape ({n},), got {tuple(t.shape)}"
+                )
         for name in _PER_TOKEN:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != tuple(c_shape):
-                raise StepprobeError(f"{where}: '{name}' must have shape {tuple(c_shape)}, got {tuple(t.shape)}")
+                raise StepprobeError(
+                    f"{where}: '{name}' must have shape {tuple(c_shape)}, got {tuple(t.shape)}"
+                )
         for key, values in self.meta.items():
             if len(values) != n:
-                raise StepprobeError(f"{where}: meta['{key}'] has {len(values)} entries, expected {n}")
+                raise StepprobeError(
+                    f"{where}: meta['{key}'] has {len(values)} entries, expected {n}"
+                )
 
     def check_vocab(self, vocab_size: int, where: str = "batch") -> None:
         """Token ids outside [0, vocab_size) are an error naming the offending field and id."""
@@ -122,7 +134,11 @@ class Batch:
 
     def select(self, index) -> Batch:
         """A sub-batch of the given rows (list, slice, bool or long tensor), metadata included."""
-        idx = torch.as_tensor(index) if not isinstance(index, slice) else torch.arange(len(self))[index]
+        idx = (
+            torch.as_tensor(index)
+            if not isinstance(index, slice)
+            else torch.arange(len(self))[index]
+        )
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
         idx_list = idx.tolist()
@@ -154,12 +170,26 @@ class Batch:
         TRL's inputs carry no rewards and, after its shuffle, no group structure; pass them
         when known. ``num_items_in_batch`` is kept: it is dapo's loss normaliser.
         """
-        missing = [k for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages") if k not in inputs]
+        missing = [
+            k
+            for k in (
+                "prompt_ids",
+                "prompt_mask",
+                "completion_ids",
+                "completion_mask",
+                "advantages",
+            )
+            if k not in inputs
+        ]
         if missing:
             raise StepprobeError(f"TRL inputs: missing key(s) {missing}; got {sorted(inputs)}")
-        unsupported = [k for k in ("pixel_values", "image_grid_thw", "tool_mask") if inputs.get(k) is not None]
+        unsupported = [
+            k for k in ("pixel_values", "image_grid_thw", "tool_mask") if inputs.get(k) is not None
+        ]
         if unsupported:
-            raise StepprobeError(f"TRL inputs: multimodal/tool keys {unsupported} are not supported")
+            raise StepprobeError(
+                f"TRL inputs: multimodal/tool keys {unsupported} are not supported"
+            )
 
         def _t(key):
             v = inputs.get(key)
@@ -182,7 +212,9 @@ class Batch:
             completion_mask=_t("completion_mask").long(),
             advantages=adv.float() if adv.dtype not in (torch.float32, torch.float64) else adv,
             rewards=None if rewards is None else torch.as_tensor(rewards).detach().cpu(),
-            group_ids=None if group_ids is None else torch.as_tensor(group_ids).detach().cpu().long(),
+            group_ids=None
+            if group_ids is None
+            else torch.as_tensor(group_ids).detach().cpu().long(),
             old_logps=_t("old_per_token_logps"),
             ref_logps=_t("ref_per_token_logps"),
             num_items_in_batch=None if nib is None else float(nib),
@@ -197,7 +229,11 @@ class Batch:
         if tmp.exists():
             _rmtree(tmp)
         tmp.mkdir(parents=True)
-        tensors = {n: getattr(self, n).contiguous() for n in _REQUIRED + _OPTIONAL if getattr(self, n) is not None}
+        tensors = {
+            n: getattr(self, n).contiguous()
+            for n in _REQUIRED + _OPTIONAL
+            if getattr(self, n) is not None
+        }
         save_file(tensors, str(tmp / "tensors.safetensors"))
         meta = {
             "format": "stepprobe.batch/1",
@@ -216,7 +252,9 @@ class Batch:
         path = Path(path)
         tfile, mfile = path / "tensors.safetensors", path / "meta.json"
         if not path.is_dir() or not tfile.is_file() or not mfile.is_file():
-            raise StepprobeError(f"{path}: not a saved batch (expected a directory with tensors.safetensors and meta.json)")
+            raise StepprobeError(
+                f"{path}: not a saved batch (expected a directory with tensors.safetensors and meta.json)"
+            )
         try:
             tensors = load_file(str(tfile))
         except (SafetensorsError, OSError, ValueError) as e:
@@ -229,7 +267,12 @@ class Batch:
         if missing:
             raise StepprobeError(f"{tfile}: missing tensor(s) {missing}")
         kw = {k: tensors.get(k) for k in _REQUIRED + _OPTIONAL}
-        return cls(**kw, num_items_in_batch=meta.get("num_items_in_batch"), meta=meta.get("meta", {}), info=meta.get("info", {}))
+        return cls(
+            **kw,
+            num_items_in_batch=meta.get("num_items_in_batch"),
+            meta=meta.get("meta", {}),
+            info=meta.get("info", {}),
+        )
 
     # ------------------------------------------------------------------ tables
     def table(self) -> pd.DataFrame:
@@ -248,7 +291,9 @@ class Batch:
         if self.token_logps is not None:
             lp = self.token_logps.double().masked_fill(~mask, 0.0)
             df["logp_sum"] = lp.sum(1).numpy()
-            df["logp_min"] = self.token_logps.double().masked_fill(~mask, math.inf).min(1).values.numpy()
+            df["logp_min"] = (
+                self.token_logps.double().masked_fill(~mask, math.inf).min(1).values.numpy()
+            )
             df["logp_mean"] = (lp.sum(1) / mask.sum(1).clamp(min=1)).numpy()
         if self.token_entropy is not None:
             ent = self.token_entropy.double().masked_fill(~mask, 0.0)
@@ -260,8 +305,15 @@ class Batch:
         """One row per completion token: sequence, position, id and what was recorded for it."""
         mask = self.completion_mask.bool()
         seq, pos = mask.nonzero(as_tuple=True)
-        df = pd.DataFrame({"seq": seq.numpy(), "pos": pos.numpy(), "token_id": self.completion_ids[mask].numpy()})
-        for name, col in (("token_logps", "logp"), ("token_entropy", "entropy"), ("token_rank", "rank"), ("old_logps", "old_logp")):
+        df = pd.DataFrame(
+            {"seq": seq.numpy(), "pos": pos.numpy(), "token_id": self.completion_ids[mask].numpy()}
+        )
+        for name, col in (
+            ("token_logps", "logp"),
+            ("token_entropy", "entropy"),
+            ("token_rank", "rank"),
+            ("old_logps", "old_logp"),
+        ):
             t = getattr(self, name)
             if t is not None:
                 df[col] = t[mask].numpy()

@@ -35,11 +35,18 @@ def completion_logits(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     c = completion_ids.shape[1]
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, "logits_to_keep": c + 1}
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "use_cache": False,
+        "logits_to_keep": c + 1,
+    }
     if params is None:
         out = model(**kwargs)
     else:
-        out = functional_call(model, dict(params), args=(), kwargs=kwargs, strict=False, tie_weights=True)
+        out = functional_call(
+            model, dict(params), args=(), kwargs=kwargs, strict=False, tie_weights=True
+        )
     logits = out.logits[:, :-1, :]
     return logits / temperature
 
@@ -61,7 +68,9 @@ def score(
     ``dtype`` promotes the logits before the softmax (float64 for exact checks); bf16/fp16
     logits are always promoted to at least float32 (precision.py's policy).
     """
-    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, params)
+    logits = completion_logits(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, params
+    )
     if dtype is None and logits.dtype in (torch.bfloat16, torch.float16):
         dtype = torch.float32
     if dtype is not None:
@@ -75,7 +84,15 @@ def score(
     return Scores(logps=logps, entropy=ent, logits=logits if keep_logits else None)
 
 
-def score_batch(model, batch, temperature: float = 1.0, params=None, entropy: bool = True, keep_logits: bool = False, dtype=None) -> Scores:
+def score_batch(
+    model,
+    batch,
+    temperature: float = 1.0,
+    params=None,
+    entropy: bool = True,
+    keep_logits: bool = False,
+    dtype=None,
+) -> Scores:
     """``score`` on a :class:`stepprobe.Batch`."""
     return score(
         model,
