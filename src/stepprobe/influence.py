@@ -37,6 +37,7 @@ from .measure import (
     linear_terms,
     trainable,
 )
+from .precision import eval_chunk
 from .quantities import get_quantity
 from .update import vmap_attention
 
@@ -101,6 +102,11 @@ class Surrogate:
     value: float  # Q̂(θ)
     groups: torch.Tensor
 
+    def rows(self, index) -> Surrogate:
+        """The constants of a subset of E's sequences (Q̂(θ) stays the whole E's)."""
+        b = None if self.beta is None else self.beta[index]
+        return Surrogate(self.alpha[index], b, self.gamma[index], self.value, self.groups[index])
+
 
 @torch.no_grad()
 def surrogate(
@@ -114,8 +120,8 @@ def surrogate(
     return Surrogate(alpha, beta, gamma, Q0, g)
 
 
-def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None) -> torch.Tensor:
-    parts = forward_parts(model, E, [q], temperature, params, dtype)
+def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None, chunk=None) -> torch.Tensor:
+    parts = forward_parts(model, E, [q], temperature, params, dtype, chunk=chunk)
     a, b = parts[q.name]
     dt = s.alpha.dtype
     out = s.alpha.to(a.dtype) * a + s.gamma.to(a.dtype) * parts["_logp"]
@@ -132,20 +138,33 @@ def score_gradient(
     theta: Params | None = None,
     dtype=None,
     normalise="pooled",
+    chunk: int | None = None,
 ):
-    """(∇Q as a module-name dict, Q̂(θ)) by one backward over E."""
+    """(∇Q as a module-name dict, Q̂(θ)) by one backward over E (``chunk`` rows at a time:
+    default ``precision.eval_chunk``, all of E off CUDA)."""
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
     s = surrogate(model, E, q, temperature, dtype, normalise)
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
+    # The surrogate is a sum of per-sequence terms with constants fixed at θ, so ∇Q is the
+    # sum of per-chunk gradients: only one chunk's activations are held at a time.
+    n = len(E)
+    chunk = eval_chunk(model, E) if chunk is None else chunk
+    step = n if chunk is None else max(1, min(chunk, n))
+    total = None
+    for lo in range(0, n, step):
+        rows = slice(lo, lo + step)
+        Ec, sc = (E, s) if step == n else (E.select(rows), s.rows(rows))
 
-    def f(*ps):
-        return _terms(model, E, q, temperature, dict(zip(keys, ps, strict=True)), s, dtype).sum()
+        def f(*ps, Ec=Ec, sc=sc):
+            params = dict(zip(keys, ps, strict=True))
+            return _terms(model, Ec, q, temperature, params, sc, dtype, chunk=n).sum()
 
-    with true_gradient(model):
-        grads = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
-    return dict(zip(keys, grads, strict=True)), s.value
+        with true_gradient(model):
+            g = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
+        total = list(g) if total is None else [a + b for a, b in zip(total, g, strict=True)]
+    return dict(zip(keys, total, strict=True)), s.value
 
 
 def linear_jvp(

@@ -28,6 +28,7 @@ import torch
 from .batch import Batch
 from .errors import StepprobeError
 from .forward import score_batch
+from .precision import eval_chunk
 from .quantities import Quantity, get_quantities, sequence_parts
 
 Z95 = 1.959963984540054
@@ -79,13 +80,46 @@ def trainable(model: torch.nn.Module, names=None) -> dict[str, torch.Tensor]:
 
 
 def forward_parts(
-    model, batch: Batch, quantities: list[Quantity], temperature: float, params=None, dtype=None
+    model,
+    batch: Batch,
+    quantities: list[Quantity],
+    temperature: float,
+    params=None,
+    dtype=None,
+    chunk: int | None = None,
 ):
+    """Per-sequence parts of every quantity on ``batch`` (at ``params``), scored ``chunk``
+    rows at a time (default: ``precision.eval_chunk``, all rows off CUDA). The parts are
+    per-sequence, so chunking changes memory, not values; it is differentiable, and under
+    jvp the peak memory is one chunk's."""
+    chunk = eval_chunk(model, batch) if chunk is None else chunk
+    n = len(batch)
+    if chunk is not None and chunk < n:
+        pieces = [
+            forward_parts(
+                model,
+                batch.select(slice(lo, lo + chunk)),
+                quantities,
+                temperature,
+                params,
+                dtype,
+                chunk=n,
+            )  # fmt: skip
+            for lo in range(0, n, chunk)
+        ]
+        return {k: _cat([p[k] for p in pieces]) for k in pieces[0]}
     ent = any(q.needs_entropy for q in quantities)
     scores = score_batch(
         model, batch, temperature=temperature, params=params, entropy=ent, dtype=dtype
     )
     return sequence_parts(quantities, scores, batch)
+
+
+def _cat(xs):
+    """Concatenate per-sequence parts: tensors, or tuples of tensors / None."""
+    if isinstance(xs[0], tuple):
+        return tuple(None if x[0] is None else torch.cat(x) for x in zip(*xs, strict=True))
+    return torch.cat(xs)
 
 
 @dataclass
@@ -108,18 +142,21 @@ def evaluate(
     lr: float = 1.0,
     theta: Params | None = None,
     dtype: torch.dtype | None = None,
+    chunk: int | None = None,
 ) -> Values:
-    """One forward at θ (cached), then one per (direction, η) at θ + η·lr·v, over the same E."""
+    """One forward at θ (cached), then one per (direction, η) at θ + η·lr·v, over the same E
+    (``chunk`` rows per forward: see ``forward_parts``)."""
     qs = get_quantities(quantities)
     if theta is None:
         theta = trainable(model, {k for d in directions.values() for k in d})
     theta = {k: t.detach() for k, t in theta.items()}
-    vals = Values(base=forward_parts(model, E, qs, temperature, None, dtype), groups=group_index(E))
+    base = forward_parts(model, E, qs, temperature, None, dtype, chunk)
+    vals = Values(base=base, groups=group_index(E))
     for name, v in directions.items():
         for eta in etas:
             params = shifted(theta, v, float(eta) * lr)
             vals.shifted[(name, float(eta))] = forward_parts(
-                model, E, qs, temperature, params, dtype
+                model, E, qs, temperature, params, dtype, chunk
             )
     return vals
 

@@ -129,3 +129,20 @@ def sequence_bytes(
     acts = 16 * layers * seq_len * hidden * w
     grads = 4 * trainable if per_sequence_grad else 0
     return int(logits + acts + grads)
+
+
+def eval_chunk(model: torch.nn.Module, batch) -> int | None:
+    """Rows of ``batch`` to score per forward: None (all at once) off CUDA, where host memory
+    is not the limit; on CUDA sized from free memory by ``sequence_bytes``. Results do not
+    depend on it: every estimator term is a per-sequence quantity."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return None
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    seq_len = batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
+    per = sequence_bytes(
+        seq_len, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, weight_dtype=p.dtype
+    )
+    return chunk_size(per, p.device)
