@@ -187,8 +187,12 @@ def token_losses(
     steps_per_generation: int = 1,
     num_items_in_batch: float | None = None,
     dtype: torch.dtype | None = None,
+    adjust=None,
 ) -> torch.Tensor:
     """ℓ_{i,t} [N, C] for one micro-batch; ``.sum()`` is TRL's loss for it.
+
+    ``adjust(batch, weights) -> weights`` rewrites the per-token weights before the terms
+    are formed: how update-rule variants (variants/) change the run's rule.
 
     ``params``: module-name overrides (``functional_call``), differentiable for grad, vmap
     and jvp. ``weights`` default to ``token_weights`` of this batch at the given params; with
@@ -213,6 +217,8 @@ def token_losses(
             entropy=s.entropy,
             dtype=s.logps.dtype,
         )
+    if adjust is not None:
+        weights = adjust(batch, weights)
     return token_terms(
         s.logps,
         s.entropy,

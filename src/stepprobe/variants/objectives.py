@@ -34,7 +34,7 @@ import torch
 
 from ..batch import Batch
 from ..errors import StepprobeError
-from ..forward import score, score_batch
+from ..forward import score_batch
 from . import rules
 
 Objective = Callable[..., torch.Tensor]
@@ -255,7 +255,7 @@ def make_adjust(n_rows: int, policy=None, scope: str = "policy", abs_coef=None):
 def make_objective(settings, adjust=None) -> Objective:
     """Per-token losses of the run's rule under ``settings`` with ``adjust`` applied to its
     weights. Same signature as ``loss.token_losses``; one forward pass."""
-    from ..loss import needs_entropy, token_terms, token_weights
+    from ..loss import token_losses
 
     def objective(
         model,
@@ -268,40 +268,21 @@ def make_objective(settings, adjust=None) -> Objective:
         num_items_in_batch=None,
         dtype=None,
     ):
-        s = score(
-            model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            temperature=settings.temperature,
-            params=params,
-            entropy=needs_entropy(settings),
-            dtype=dtype,
-        )
         # Weights handed in were computed under the caller's settings; a variant that changes
         # settings (normaliser, entropy mask, bonus) recomputes its own.
-        if weights is None or (_settings is not None and _settings != settings):
-            weights = token_weights(
-                batch,
-                settings,
-                accumulation=accumulation,
-                steps_per_generation=steps_per_generation,
-                num_items_in_batch=num_items_in_batch,
-                entropy=s.entropy,
-                dtype=s.logps.dtype,
-            )
-        if adjust is not None:
-            weights = adjust(batch, weights)
-        return token_terms(
-            s.logps,
-            s.entropy,
-            batch.completion_mask,
-            batch.advantages,
-            weights,
+        if _settings is not None and _settings != settings:
+            weights = None
+        return token_losses(
+            model,
+            batch,
             settings,
-            old_logps=batch.old_logps,
-            ref_logps=batch.ref_logps,
+            params=params,
+            weights=weights,
+            accumulation=accumulation,
+            steps_per_generation=steps_per_generation,
+            num_items_in_batch=num_items_in_batch,
+            dtype=dtype,
+            adjust=adjust,
         )
 
     objective.settings = settings
