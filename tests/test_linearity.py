@@ -28,6 +28,18 @@ def test_fit_recovers_polynomial_and_antithetic_parts():
         fit([1.0], [0.1])
 
 
+def test_fit_on_a_positive_grid_and_the_flag_threshold():
+    """The study's grid shape (η > 0 only, 3 points: quadratic fit), the share, and the
+    flag on both sides of its 10% threshold."""
+    eta = np.array([0.5, 1.0, 2.0])
+    r = fit(eta, 0.3 * eta - 0.05 * eta**2)
+    assert r["slope"] == pytest.approx(0.3, rel=1e-10) and r["cubic"] == 0.0
+    assert r["curvature"] == pytest.approx(-0.05, rel=1e-10) and r["r2"] == pytest.approx(1.0)
+    assert r["linear_share"] == pytest.approx(0.3 / 0.35)
+    assert r["nonlinear"]  # 0.05 > 0.1 * 0.3
+    assert not fit(eta, 0.3 * eta - 0.02 * eta**2)["nonlinear"]  # 0.02 < 0.03
+
+
 def test_exact_changes_slope_matches_exact_gradient():
     """On exact ΔQ over a small η grid, the fitted slope is ∇Q·v (to the grid's η³ error)."""
     m = TinyLM(vocab=4, seed=0)

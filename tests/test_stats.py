@@ -144,15 +144,6 @@ def test_allocation_reaches_the_target_and_finds_the_cost_optimum():
     assert a[a.current].eval_samples.item() == 64
 
 
-def test_linearity_fit_recovers_slope_and_curvature():
-    eta = np.array([0.25, 0.5, 1.0, 2.0])
-    fit = stats.linearity_fit(eta, 0.3 * eta - 0.05 * eta**2)
-    assert fit["slope"] == pytest.approx(0.3, rel=1e-10)
-    assert fit["curvature"] == pytest.approx(-0.05, rel=1e-10)
-    assert fit["r2"] == pytest.approx(1.0)
-    assert fit["nonlinear_share"] == pytest.approx(0.05 / 0.35)
-
-
 def test_local_slope_uses_only_the_window():
     x = np.arange(100.0)
     y = np.where(x < 50, -0.01 * x, -0.5 + 0.02 * (x - 50))

@@ -31,7 +31,7 @@ def fit(etas, deltas, ratio_threshold: float = 0.1) -> dict:
     X = np.stack([x**p for p in powers], 1)
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ coef
-    ss = float(((y - y.mean()) ** 2).sum())
+    ss = float((y**2).sum())  # uncentred: the model has no intercept (ΔQ(0) = 0)
     r2 = 1.0 - float((resid**2).sum()) / ss if ss > 0 else 1.0
     s, c = coef[0], coef[1]
     d = coef[2] if len(coef) > 2 else 0.0

@@ -226,36 +226,6 @@ def ols(
 
 
 # ---------------------------------------------------------------------- curve fits
-def linearity_fit(eta, delta) -> dict:
-    """Fit ΔQ(η) = a η + b η² (no intercept: ΔQ(0) = 0) by least squares.
-
-    Reports slope a, curvature b, R², and the share of the quadratic term at η = 1
-    (|b| / (|a| + |b|)): the linear term dominates at the run's step when it is small.
-    """
-    eta = np.asarray(eta, dtype=float)
-    d = np.asarray(delta, dtype=float)
-    ok = np.isfinite(eta) & np.isfinite(d)
-    eta, d = eta[ok], d[ok]
-    if eta.size == 0:
-        return {
-            "slope": math.nan,
-            "curvature": math.nan,
-            "r2": math.nan,
-            "nonlinear_share": math.nan,
-        }
-    if np.unique(eta).size < 2:
-        a = float((eta * d).sum() / (eta**2).sum())
-        return {"slope": a, "curvature": math.nan, "r2": math.nan, "nonlinear_share": math.nan}
-    A = np.column_stack([eta, eta**2])
-    coef, *_ = np.linalg.lstsq(A, d, rcond=None)
-    a, b = (float(c) for c in coef)
-    res = d - A @ coef
-    tss = float((d**2).sum())  # uncentred: the model has no intercept
-    r2 = 1 - float((res**2).sum()) / tss if tss > 0 else math.nan
-    share = abs(b) / (abs(a) + abs(b)) if (abs(a) + abs(b)) > 0 else math.nan
-    return {"slope": a, "curvature": b, "r2": r2, "nonlinear_share": share}
-
-
 def local_slope(x, y, center: float, window: float, level: float = 0.95) -> dict:
     """Slope of y on x over |x - center| <= window (local linear fit, HC1 errors)."""
     x = np.asarray(x, dtype=float)

@@ -5,7 +5,7 @@ Writes OUT/report/*.csv (one file per table below), OUT/plots/*.png and OUT/repo
   and evaluation noise both covered, since every repeat redraws U and E);
 - variance: between-repeat variance vs mean within-repeat se² (update vs evaluation part);
 - allocation: repeats needed at several evaluation sizes for a target interval width;
-- linearity: ΔQ(η) = aη + bη² fits and linear-vs-true at η = 1;
+- linearity: `linearity.fit` of ΔQ(η) (slope, curvature, R², the nonlinearity flag) and linear-vs-true at η = 1;
 - regression_sequences / regression_tokens: influence on features, cluster-robust SEs;
 - log_check: predicted per-step entropy change vs the training log's local slope;
 - variants: ΔQ per update-rule variant and variant - run with paired and unpaired intervals
@@ -190,7 +190,7 @@ def linearity_table(by_ckpt: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
     rows = []
     snis = by_ckpt[by_ckpt.estimator == "snis"].sort_values(["checkpoint_index", "eta"])
     for k, g in snis.groupby(["checkpoint", "step", "quantity", "direction"], sort=False):
-        fit = stats.linearity_fit(g["eta"], g["mean"])
+        fit = _fit(g["eta"], g["mean"])
         lin = by_ckpt[
             (by_ckpt.estimator == "linear")
             & (by_ckpt.checkpoint == k[0])
@@ -205,11 +205,22 @@ def linearity_table(by_ckpt: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
         row["linear_over_true"] = (
             row["linear_at_ref"] / row["true_at_ref"] if row["true_at_ref"] else math.nan
         )
-        row["linear_dominates"] = (
-            bool(row["nonlinear_share"] < 0.2) if np.isfinite(row["nonlinear_share"]) else None
-        )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fit(eta, delta) -> dict:
+    """``linearity.fit`` on the finite points; NaNs when fewer than two η remain."""
+    from ..linearity import fit
+
+    eta, delta = np.asarray(eta, float), np.asarray(delta, float)
+    ok = np.isfinite(eta) & np.isfinite(delta) & (eta != 0)
+    if np.unique(eta[ok]).size < 2:
+        keys = ("slope", "curvature", "cubic", "r2", "linear_share")
+        return {**dict.fromkeys(keys, math.nan), "nonlinear": None}
+    r = fit(eta[ok], delta[ok])
+    r.pop("antithetic")
+    return r
 
 
 def _design(df: pd.DataFrame, features: list[str]) -> tuple[np.ndarray, list[str], dict]:
@@ -550,7 +561,7 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
         "## Allocation: repeats needed for the target interval width\n",
         "Full update, η = 1 (SNIS where measured); `optimal` marks the cost-optimal evaluation size from the measured per-trial times; all rows in report/allocation.csv.\n",
         md_table(_main_rows(r["allocation"])),
-        "## Linearity (ΔQ(η) = aη + bη², SNIS means over repeats)\n",
+        "## Linearity (ΔQ(η) = sη + cη² [+ dη³], SNIS means over repeats; `nonlinear`: (|c|+|d|) > 0.1|s| at η = 1)\n",
         md_table(r["linearity"]),
         "## What drives the change: influence regressed on features\n",
         "Continuous features standardised (coefficient per SD, `feature_sd`); `correct` is 0/1; cluster-robust (CR1) errors by trial: a trial's influences share its evaluation batch and update, so they are not independent. Pooled over checkpoints.\n",
