@@ -68,6 +68,8 @@ def _assert_same(a, b):
         ({"device": "tpu"}, "device must be"),
         ({"update": {"prompts": 0, "per_prompt": 4}}, "'update.prompts'"),
         ({"checkpoints": ["nowhere/at-all"]}, "'nowhere/at-all' does not exist"),
+        ({"base_model": "no/base"}, "base_model: 'no/base'"),
+        ({"reference_model": "no/ref"}, "reference_model: 'no/ref'"),
     ],
 )
 def test_malformed_config_names_the_problem(tmp_path, run_dir, change, needle):
@@ -86,6 +88,14 @@ def test_missing_required_key_and_a_directory_that_is_no_run(tmp_path, run_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StepprobeError, match="neither a checkpoint"):
         parse_config(fake_config(tmp_path / "empty"))
+
+
+def test_model_dirs_resolve_against_the_config_file(tmp_path, run_dir):
+    (tmp_path / "models" / "ref").mkdir(parents=True)
+    (tmp_path / "models" / "ref" / "config.json").write_text("{}")
+    cfg = load_config(_write(tmp_path, {**fake_config(run_dir), "reference_model": "models/ref"}))
+    assert cfg.reference_model == str((tmp_path / "models" / "ref").resolve())
+    assert cfg.base_model is None
 
 
 def test_cli_refuses_a_bad_config_before_any_work(tmp_path, run_dir):

@@ -193,12 +193,15 @@ def sample_cmd(
     no_filter: bool = typer.Option(False, "--no-filter", help="keep zero-advantage groups (E)"),
     max_resample: int = typer.Option(8, "--max-resample", help="resampling rounds (U)"),
     base_model: str = typer.Option(None, "--base-model", help="LoRA base model dir"),
+    reference_model: str = typer.Option(
+        None, "--reference-model", help="beta > 0: the reference model dir (full fine-tune)"
+    ),
 ):
     """Sample a batch (U, or E with --no-filter) from CHECKPOINT the way the run sampled."""
     from .checkpoint import load_checkpoint
     from .rollouts import sample_batch
 
-    ckpt = load_checkpoint(checkpoint, base_model=base_model)
+    ckpt = load_checkpoint(checkpoint, base_model=base_model, reference_model=reference_model)
     filt, rounds = not no_filter, max_resample
     b = sample_batch(
         ckpt, task, prompts, per_prompt, seed, filter_zero_advantage=filt, max_resample=rounds

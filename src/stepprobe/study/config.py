@@ -82,6 +82,7 @@ class ReportSpec(_Strict):
 class StudyConfig(_Strict):
     checkpoints: list[str] = Field(min_length=1)
     base_model: str | None = None
+    reference_model: str | None = None
     task: str
     task_options: dict[str, Any] = {}
     update: BatchSpec
@@ -261,9 +262,22 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
         raise StepprobeError(_format_errors(e, source)) from None
     base = base or Path.cwd()
     ckpts = resolve_checkpoints(cfg.checkpoints, base)
-    return cfg.model_copy(
-        update={"checkpoints": [str(c) for c in ckpts], "task": resolve_task(cfg.task, base)}
-    )
+    update = {"checkpoints": [str(c) for c in ckpts], "task": resolve_task(cfg.task, base)}
+    for key in ("base_model", "reference_model"):
+        if getattr(cfg, key) is not None:
+            update[key] = resolve_model_dir(key, getattr(cfg, key), base)
+    return cfg.model_copy(update=update)
+
+
+def resolve_model_dir(key: str, entry: str, base: Path) -> str:
+    """A model directory (config.json inside) made absolute, checked before any work."""
+    p = Path(entry).expanduser()
+    p = p if p.is_absolute() else (base / p)
+    if not (p / "config.json").is_file():
+        raise StepprobeError(
+            f"{key}: '{entry}' ({p.resolve()}) is not a model directory (no config.json)"
+        )
+    return str(p.resolve())
 
 
 def resolve_task(task: str, base: Path) -> str:

@@ -44,7 +44,8 @@ def _checkpoint(trial: Trial):
 
     sp = _api()
     cfg = trial.config
-    key = (trial.checkpoint, cfg.get("base_model"), cfg["precision"], cfg["device"])
+    models = (cfg.get("base_model"), cfg.get("reference_model"))
+    key = (trial.checkpoint, *models, cfg["precision"], cfg["device"])
     if key not in _CACHE:
         _CACHE.clear()
         from ..precision import accumulation_dtype, apply_precision
@@ -53,7 +54,10 @@ def _checkpoint(trial: Trial):
         # Loaded in the accumulation dtype, then the weights cast: AdamW moments stay float32
         # for bf16/fp16 weights, and move to the device with the model (precision.py).
         ckpt = sp.load_checkpoint(
-            trial.checkpoint, base_model=cfg.get("base_model"), dtype=accumulation_dtype(dtype)
+            trial.checkpoint,
+            base_model=models[0],
+            reference_model=models[1],
+            dtype=accumulation_dtype(dtype),
         )
         _CACHE[key] = apply_precision(ckpt, dtype, cfg["device"])
     return _CACHE[key]
@@ -110,8 +114,7 @@ def _token_text(ckpt, ids: pd.Series) -> list[str]:
 
 
 def _api():
-    """The public API. Imported from the modules: once ``stepprobe.influence`` (the module)
-    is imported, the package attribute of that name is the module, not the function."""
+    """The public API, gathered in one namespace (the trial's only view of the package)."""
     from types import SimpleNamespace
 
     from ..checkpoint import load_checkpoint
