@@ -18,7 +18,7 @@ import torch
 
 from stepprobe.batch import Batch
 from stepprobe.demo.model import build_model, build_tokenizer
-from stepprobe.influence import _terms, math_attention, per_sequence_gradients, surrogate
+from stepprobe.influence import _terms, gram, math_attention, per_sequence_gradients, surrogate
 from stepprobe.measure import evaluate, trainable
 from stepprobe.quantities import get_quantity
 
@@ -63,10 +63,7 @@ def main():
     def dot_path():
         ge = per_sequence_gradients(model, E, q, theta=theta)
         gu = per_sequence_gradients(model, U, "entropy_seq", theta=theta)  # stands in for v_i
-        keys = list(ge)
-        fe = torch.cat([ge[k].reshape(args.n, -1) for k in keys], 1)
-        fu = torch.cat([gu[k].reshape(args.n, -1) for k in keys], 1)
-        return fe @ fu.T
+        return gram(ge, gu)
 
     gu = per_sequence_gradients(model, U, "entropy_seq", theta=theta)
     s = surrogate(model, E, q, 1.0)

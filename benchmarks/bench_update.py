@@ -4,7 +4,7 @@ Prints the time of Update.sequence_parts (vectorised, chunked) as a ratio to one
 forward+backward over the same 64 sequences, and to a loop of 64 single-sequence backward
 passes. Tiny Qwen2 (demo builder), float32, CPU; all three measured side by side.
 
-    .venv/bin/python benchmarks/bench_update.py [--hidden 64] [--layers 2] [--chunk 16] [--repeats 3]
+    .venv/bin/python benchmarks/bench_update.py [--hidden 64] [--layers 2] [--chunk N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--completion", type=int, default=16)
-    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=None, help="default: precision.grad_chunk")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def main():
     )
     n_params = sum(p.numel() for p in params)
     print(
-        f"model: Qwen2 hidden={a.hidden} layers={a.layers} params={n_params}; {a.n} sequences x ({a.prompt}+{a.completion}) tokens; chunk={a.chunk}; torch threads={torch.get_num_threads()}"
+        f"model: Qwen2 hidden={a.hidden} layers={a.layers} params={n_params}; {a.n} sequences x ({a.prompt}+{a.completion}) tokens; chunk={a.chunk or 'auto'}; torch threads={torch.get_num_threads()}"
     )
     print(f"one forward+backward over {a.n}: {t_bwd * 1e3:.1f} ms")
     print(

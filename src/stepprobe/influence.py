@@ -37,7 +37,7 @@ from .measure import (
     linear_terms,
     trainable,
 )
-from .precision import eval_chunk
+from .precision import eval_chunk, grad_chunk
 from .quantities import get_quantity
 from .update import vmap_attention
 
@@ -205,16 +205,18 @@ def per_sequence_gradients(
     quantity,
     temperature: float = 1.0,
     theta: Params | None = None,
-    chunk: int = 16,
+    chunk: int | None = None,
     dtype=None,
     normalise="pooled",
 ):
     """∇term_j for every eval sequence j (module-name dict of [M, *shape]); Σ_j = ∇Q.
 
-    Each sequence is scored on its own, by vmap over chunks of ``chunk`` sequences.
+    Each sequence is scored on its own, by vmap over chunks of ``chunk`` sequences
+    (default ``precision.grad_chunk``: as many as fit).
     """
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
+    chunk = grad_chunk(theta, len(E)) if chunk is None else chunk
     s = surrogate(model, E, q, temperature, dtype, normalise)
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
@@ -259,11 +261,15 @@ def token_jvp(
     return out
 
 
-def flat(d: Params, like: Params | None = None) -> torch.Tensor:
-    """[n, P]: a dict of [n, *shape] tensors flattened and concatenated in ``like``'s order."""
-    keys = list(like if like is not None else d)
-    ref = next(iter(d.values()))
-    return torch.cat([d[k].reshape(ref.shape[0], -1).to(ref.dtype) for k in keys], 1)
+def gram(a: Params, b: Params) -> torch.Tensor:
+    """[n, m] = Σ_k a_k b_kᵀ for dicts of [n, *shape] and [m, *shape] tensors (names of
+    ``a``): one matmul per parameter, never a concatenated [n, P] copy."""
+    out = None
+    for k, x in a.items():
+        y = b[k].to(x.dtype)
+        t = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
+        out = t if out is None else out + t
+    return out
 
 
 def dot(a: Params, b: Params) -> torch.Tensor:
@@ -334,7 +340,7 @@ def influence(
         mat = None
         if matrix or se:
             per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype, normalise=normalise)
-            mat = scale * flat(per) @ flat(parts, per).T  # [M, N]
+            mat = scale * gram(per, parts)  # [M, N]
         sev = cluster_se(mat, g, noise) if se else torch.full_like(inf, float("nan"))
         table = (
             ubatch.table() if hasattr(ubatch, "table") else pd.DataFrame({"seq": range(len(inf))})
@@ -344,8 +350,8 @@ def influence(
         extra_mat = mat if matrix else None
         full_b = [dot(grad, vec), dot(grad, base)]
         if se:
-            pv = flat(per) @ flat({k: vec[k][None] for k in per}, per).T
-            pb = flat(per) @ flat({k: base[k][None] for k in per}, per).T
+            pv = gram(per, {k: vec[k][None] for k in per})
+            pb = gram(per, {k: base[k][None] for k in per})
             ses = [
                 float(cluster_se(scale * pv[:, 0], g, noise)),
                 float(cluster_se(scale * pb[:, 0], g, noise)),

@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, RunSettings
 from .errors import StepprobeError
 from .forward import score, score_batch
 from .loss import TokenWeights, check_settings, needs_entropy, token_terms, token_weights
-from .precision import accumulation_dtype
+from .precision import accumulation_dtype, grad_chunk
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); replicated so c matches the Trainer.
 CLIP_EPS = 1e-6
@@ -180,14 +180,16 @@ class Update:
         return f, rows
 
     # ------------------------------------------------------------------ per-sequence parts
-    def sequence_grads(self, index=None, chunk: int = 16) -> dict[str, torch.Tensor]:
-        """g_i (unclipped, unpreconditioned) for the given sequences: name -> [n, *shape]."""
+    def sequence_grads(self, index=None, chunk: int | None = None) -> dict[str, torch.Tensor]:
+        """g_i (unclipped, unpreconditioned) for the given sequences: name -> [n, *shape];
+        ``chunk`` sequences per vmap (default ``precision.grad_chunk``: as many as fit)."""
         idx = (
             list(range(len(self)))
             if index is None
             else [int(i) for i in torch.as_tensor(index).flatten()]
         )
         p = self._params(None)
+        chunk = grad_chunk(p, len(idx)) if chunk is None else chunk
         by_mb: dict[int, list[tuple[int, int]]] = {}
         for pos, i in enumerate(idx):
             m, r = self._locate(i)
@@ -210,7 +212,7 @@ class Update:
                         out[c][torch.tensor([pos for pos, _ in part])] = t.detach()
         return out
 
-    def sequence_parts(self, index=None, chunk: int = 16) -> dict[str, torch.Tensor]:
+    def sequence_parts(self, index=None, chunk: int | None = None) -> dict[str, torch.Tensor]:
         """v_i = P ⊙ g_i for the given sequences (all by default): name -> [n, *shape]."""
         g = self.sequence_grads(index, chunk)
         return {c: self.precond[c] * t for c, t in g.items()}
