@@ -42,13 +42,9 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
     data = {
         "checkpoints": [str(Path(run_dir).resolve())],
         "task": str(Path(run_dir).resolve()),  # the prompts the run trained on
-        # late in the run most groups have identical rewards: allow many resampling rounds
-        "update": {
-            "prompts": 16,
-            "per_prompt": 8,
-            "filter_zero_advantage": True,
-            "max_resample": 64,
-        },
+        # the run's own batch shape, unfiltered as TRL trains (zero-advantage groups count
+        # in dapo's normaliser): the predicted step is the step the run took
+        "update": {"prompts": 16, "per_prompt": 8, "filter_zero_advantage": False},
         # evaluation noise dominates the demo's variance (see its allocation table): a large E
         "evaluation": {"prompts": 64, "per_prompt": 4, "filter_zero_advantage": False},
         "repeats": 6,

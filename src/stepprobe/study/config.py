@@ -36,7 +36,9 @@ class BatchSpec(_Strict):
 
     prompts: int = Field(gt=0)
     per_prompt: int = Field(gt=0)
-    filter_zero_advantage: bool = True
+    # TRL's GRPOTrainer trains on unfiltered batches: zero-advantage groups add no gradient
+    # but count in the loss normaliser, so filtering U takes a larger step than the run did.
+    filter_zero_advantage: bool = False
     max_resample: int = Field(8, ge=0)  # resampling rounds for groups filtered out
 
 
