@@ -592,7 +592,10 @@ def sample_batch(
     """Sample U or E from a loaded :class:`~stepprobe.checkpoint.Checkpoint` (see :func:`sample`).
 
     When the run's beta != 0 the batch also carries ``ref_logps`` (reference.py), so
-    ``replay_update`` can add TRL's KL term.
+    ``replay_update`` can add TRL's KL term. ``filter_zero_advantage`` (on by default, for
+    informative update batches) drops groups whose rewards are all equal; TRL trains on
+    them, and they count in its loss normaliser, so to replay the step a TRL run actually
+    took pass ``filter_zero_advantage=False`` (the study default).
     """
     info = {
         "checkpoint": str(getattr(checkpoint, "path", "")),
