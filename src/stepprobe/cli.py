@@ -41,6 +41,10 @@ def friendly(fn):
         except StepprobeError as e:
             console.print(f"[bold red]error:[/] {e}")
             sys.exit(2)
+        except OSError as e:  # a path the user gave that the OS refused: name it, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            console.print(f"[bold red]error:[/] {where}{e.strerror or e}")
+            sys.exit(2)
 
     return wrapper
 

@@ -41,6 +41,8 @@ def ensure_runs(out: str | Path, variants=("full", "lora"), seed: int = 0, log=p
     not silently reused. Returns {variant: run_dir}.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StepprobeError(f"--out {out}: is a file; expected a demo directory (new or existing)")
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base"
     runs = {}
