@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file, save_file
 
@@ -149,6 +151,40 @@ class Batch:
         kw["meta"] = {k: [v[i] for i in idx_list] for k, v in self.meta.items()}
         kw["info"] = dict(self.info)
         return Batch(**kw)
+
+    @classmethod
+    def concat(cls, batches: Sequence[Batch]) -> Batch:
+        """One Batch of all rows: prompts left-padded, completions right-padded to common
+        widths; per-sequence meta kept where every part has it (in the first part's key
+        order, so tables come out the same in every process); ``info`` records the parts'
+        sizes."""
+        if len(batches) == 1:
+            return batches[0]
+        widths = {
+            "prompt": max(b.prompt_ids.shape[1] for b in batches),
+            "completion": max(b.completion_ids.shape[1] for b in batches),
+        }
+
+        def cat(name):
+            ts = [getattr(b, name) for b in batches]
+            if any(t is None for t in ts):
+                return None
+            if ts[0].ndim == 1:
+                return torch.cat(ts)
+            left = name.startswith("prompt")
+            w = widths["prompt" if left else "completion"]
+            return torch.cat(
+                [F.pad(t, (w - t.shape[1], 0) if left else (0, w - t.shape[1])) for t in ts]
+            )
+
+        kw = {n: cat(n) for n in _REQUIRED + _OPTIONAL}
+        meta = {
+            k: sum((b.meta[k] for b in batches), [])
+            for k in batches[0].meta
+            if all(k in b.meta for b in batches)
+        }
+        info = dict(batches[0].info, micro_batch_sizes=[len(b) for b in batches])
+        return cls(**kw, num_items_in_batch=batches[0].num_items_in_batch, meta=meta, info=info)
 
     def to(self, device: torch.device | str) -> Batch:
         kw = {}

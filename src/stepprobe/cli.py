@@ -228,9 +228,10 @@ def _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, o
 
     import torch
 
+    from .batch import Batch
     from .capture import load_batch
     from .checkpoint import load_checkpoint
-    from .update import concat_batches, replay_update
+    from .update import replay_update
 
     if dtype not in DTYPES:
         raise StepprobeError(f"--dtype {dtype!r}: expected one of {list(DTYPES)}")
@@ -238,7 +239,7 @@ def _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, o
         raise StepprobeError(f"--out {out}: directory {Path(out).parent} does not exist")
     U = load_batch(update_batch)
     E = load_batch(eval_batch)
-    E = concat_batches(E) if isinstance(E, list) else E
+    E = Batch.concat(E) if isinstance(E, list) else E
     ckpt = load_checkpoint(checkpoint, base_model=base_model, dtype=getattr(torch, dtype))
     return ckpt, replay_update(ckpt, U), E
 

@@ -297,46 +297,6 @@ def _as_micro_batches(batch: Batch | Sequence[Batch]) -> tuple[list[Batch], bool
     return mbs, True
 
 
-def concat_batches(batches: Sequence[Batch]) -> Batch:
-    """One Batch of all rows: prompts left-padded, completions right-padded to common widths."""
-    if len(batches) == 1:
-        return batches[0]
-    P = max(b.prompt_ids.shape[1] for b in batches)
-    C = max(b.completion_ids.shape[1] for b in batches)
-
-    def cat(name, left):
-        ts = [getattr(b, name) for b in batches]
-        if any(t is None for t in ts):
-            return None
-        if ts[0].ndim == 1:
-            return torch.cat(ts)
-        w = P if left else C
-        return torch.cat(
-            [F.pad(t, (w - t.shape[1], 0) if left else (0, w - t.shape[1])) for t in ts]
-        )
-
-    kw = {n: cat(n, n.startswith("prompt")) for n in ("prompt_ids", "prompt_mask")}
-    for n in (
-        "completion_ids",
-        "completion_mask",
-        "advantages",
-        "rewards",
-        "group_ids",
-        "old_logps",
-        "ref_logps",
-        "token_logps",
-        "token_entropy",
-        "token_rank",
-    ):
-        kw[n] = cat(n, False)
-    keys = set(batches[0].meta)
-    meta = {
-        k: sum((b.meta[k] for b in batches), []) for k in keys if all(k in b.meta for b in batches)
-    }
-    info = dict(batches[0].info, micro_batch_sizes=[len(b) for b in batches])
-    return Batch(**kw, num_items_in_batch=batches[0].num_items_in_batch, meta=meta, info=info)
-
-
 def _check_batch(mb: Batch, k: int, vocab: int, s: RunSettings) -> None:
     where = f"batch (micro-batch {k})"
     mb.check_vocab(vocab, where=where)
@@ -459,7 +419,7 @@ def replay_update(
         denom=denoms,
         grad={c: t.detach() for c, t in g.items()},
         stats=stats,
-        batch=concat_batches(mbs),
+        batch=Batch.concat(mbs),
         settings=s,
         micro_batches=mbs,
         weights=weights,

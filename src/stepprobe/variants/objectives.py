@@ -325,7 +325,6 @@ def _whole(batch) -> tuple[Batch, Batch | list[Batch]]:
     if isinstance(batch, Batch):
         rb = with_rows(batch)
         return rb, rb
-    from ..update import concat_batches
 
     mbs, off = [], 0
     for mb in batch:
@@ -333,7 +332,7 @@ def _whole(batch) -> tuple[Batch, Batch | list[Batch]]:
             dataclasses.replace(mb, meta={**mb.meta, ROW_KEY: list(range(off, off + len(mb)))})
         )
         off += len(mb)
-    return concat_batches(mbs), mbs
+    return Batch.concat(mbs), mbs
 
 
 def prepare(variant, model, batch: Batch | list[Batch], settings) -> Prepared:
