@@ -27,7 +27,9 @@ def delta_vs_eta(by_ckpt: pd.DataFrame, path: Path) -> Path | None:
     if not len(d):
         return None
     qs = sorted(d.quantity.unique())
-    fig, axes = plt.subplots(1, len(qs), figsize=(4.5 * len(qs), 3.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(qs), figsize=(4.5 * len(qs), 3.5), squeeze=False, layout="constrained"
+    )
     ckpts = d.sort_values("checkpoint_index").checkpoint.unique()
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(ckpts)))
     for ax, q in zip(axes[0], qs, strict=True):
@@ -72,7 +74,14 @@ def influence_vs_features(sequences: pd.DataFrame, path: Path) -> Path | None:
     feats = [f for f in ("prob_min", "prob_mean", "advantage", "length") if f in seq]
     if ycol is None or not feats or not len(seq):
         return None
-    fig, axes = plt.subplots(1, len(feats), figsize=(3.6 * len(feats), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(feats),
+        figsize=(3.6 * len(feats), 3.2),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     correct = seq["correct"].astype(bool) if "correct" in seq else pd.Series(False, index=seq.index)
     for ax, f in zip(axes[0], feats, strict=True):
         for ok, col, lab in ((True, "tab:green", "correct"), (False, "tab:red", "incorrect")):
@@ -93,7 +102,7 @@ def entropy_trajectory(
     pts = [(h["step"], h[key]) for h in history if key in h]
     if not pts and not len(check):
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     if pts:
         s, v = np.array(pts, dtype=float).T
         a.plot(s, v, color="grey", lw=1, label=f"log: {key}")
