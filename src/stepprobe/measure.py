@@ -383,6 +383,31 @@ def summarise(
 
 
 # --------------------------------------------------------------------------- linear
+def linear_parts(model, E: Batch, quantities, v: Params, temperature=1.0, theta=None, dtype=None):
+    """Per-sequence parts at θ and their derivatives along v: one jvp (math SDPA kernel).
+
+    Returns (parts, dparts): ``parts[q] = (a, b)`` with b = 1 for a non-ratio quantity (its
+    derivative 0), ``dparts["_logp"]`` the score s_j = d log π(y_j)/dη.
+    """
+    from .influence import math_attention
+
+    qs = get_quantities(quantities)
+    if theta is None:
+        theta = trainable(model, set(v))
+    theta = {k: t.detach() for k, t in theta.items()}
+    keys = list(theta)
+    tangent = tuple(v[k].to(theta[k].dtype) if k in v else torch.zeros_like(theta[k]) for k in keys)
+
+    def f(*ps):
+        parts = forward_parts(model, E, qs, temperature, dict(zip(keys, ps, strict=True)), dtype)
+        # jvp wants tensors only: a missing denominator becomes b = 1 (derivative 0).
+        return {k: (v[0], torch.ones_like(v[0]) if v[1] is None else v[1]) if isinstance(v, tuple) else v
+                for k, v in parts.items()}  # fmt: skip
+
+    with math_attention():
+        return torch.func.jvp(f, tuple(theta[k] for k in keys), tangent)
+
+
 def linear_change(
     model: torch.nn.Module,
     E: Batch,
@@ -401,32 +426,15 @@ def linear_change(
     The jvp differentiates the SNIS estimate at η = 0 (same ``normalise``), so it is exactly
     the η-derivative of ``snis_change`` on the same samples. Runs under the math SDPA kernel.
     """
-    from .influence import math_attention
-
     qs = get_quantities(quantities)
     if theta is None:
         theta = trainable(model, {k for d in directions.values() for k in d})
-    theta = {k: t.detach() for k, t in theta.items()}
     g = group_index(E)
     G = int(g.max()) + 1
     noise = noise or default_noise(g)
     rows = []
     for name, v in directions.items():
-        keys = list(theta)
-        tangent = tuple(
-            v[k].to(theta[k].dtype) if k in v else torch.zeros_like(theta[k]) for k in keys
-        )
-
-        def f(*ps, keys=keys):
-            parts = forward_parts(
-                model, E, qs, temperature, dict(zip(keys, ps, strict=True)), dtype
-            )
-            # jvp wants tensors only: a missing denominator becomes b = 1 (derivative 0).
-            return {k: (v[0], torch.ones_like(v[0]) if v[1] is None else v[1]) if isinstance(v, tuple) else v
-                    for k, v in parts.items()}  # fmt: skip
-
-        with math_attention():
-            parts, dparts = torch.func.jvp(f, tuple(theta[k] for k in keys), tangent)
+        parts, dparts = linear_parts(model, E, qs, v, temperature, theta, dtype)
         s = dparts["_logp"].double()
         for q in qs:
             (a, b), (da, db) = parts[q.name], dparts[q.name]
@@ -447,6 +455,181 @@ def linear_change(
         df["estimator"] = "linear"
         df["noise"] = noise
         df["normalise"] = normalise
+    return df
+
+
+# --------------------------------------------------------------------------- two-phase
+def subsample_rows(groups: torch.Tensor, subsample, seed: int | None = None) -> torch.Tensor:
+    """Row indices of E_sub: whole prompt groups, the first k (or k drawn with ``seed``).
+
+    ``subsample``: a fraction in (0, 1] of the G groups (k = round(fraction·G), at least 2) or
+    a number of groups k.
+    """
+    G = int(groups.max()) + 1
+    if isinstance(subsample, float) and not isinstance(subsample, bool):
+        if not 0 < subsample <= 1:
+            raise StepprobeError(f"subsample={subsample}: a fraction must lie in (0, 1]")
+        k = min(G, max(2, round(subsample * G)))
+    elif isinstance(subsample, int) and not isinstance(subsample, bool):
+        k = subsample
+    else:
+        raise StepprobeError(f"subsample={subsample!r}: expected a fraction or a number of groups")
+    if not 1 <= k <= G:
+        raise StepprobeError(f"subsample={subsample}: expected 1..{G} prompt groups")
+    if seed is None:
+        chosen = torch.arange(k)
+    else:
+        chosen = torch.randperm(G, generator=torch.Generator().manual_seed(seed))[:k]
+    return torch.isin(groups, chosen).nonzero().flatten()
+
+
+def _pooled_slope(z: torch.Tensor) -> torch.Tensor:
+    """(Σda - Q Σdb + Σ a s - Q Σ b s) / Σb with Q = Σa / Σb: ``linear_terms`` (pooled) summed."""
+    q = z[4] / z[5]
+    return (z[0] - q * z[1] + z[2] - q * z[3]) / z[5]
+
+
+def _two_phase_F(m: torch.Tensor, step: float) -> torch.Tensor:
+    """ΔQ̂ = step·L'(E) + S(E_sub) - step·L'(E_sub) from the 14 pooled means (two_phase_change).
+
+    Every piece is a ratio of sums, so means over G (rather than k) groups give the same value.
+    """
+    snis = m[12] / m[13] - m[10] / m[11]
+    return step * _pooled_slope(m[:6]) + snis - step * _pooled_slope(m[6:12])
+
+
+def two_phase_change(
+    logw: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    a0: torch.Tensor,
+    b0: torch.Tensor | None,
+    da: torch.Tensor,
+    db: torch.Tensor | None,
+    score: torch.Tensor,
+    groups: torch.Tensor,
+    sub: torch.Tensor,
+    step: float,
+    noise: str = "prompts",
+) -> dict:
+    """Two-phase estimate ΔQ̂ = L(E) + [S(E_sub) - L(E_sub)] with its delta-method SE (MATH.md §4).
+
+    On all M rows of E: (a0, b0) the integrand at θ, (da, db) their η-derivatives along v,
+    ``score`` = d log π(y_j)/dη; L = step·(pooled linear slope) as in ``linear_change``.
+    On E_sub = E[sub] (whole prompt groups) only: ``logw``, (a, b) at θ + step·v, and
+    S = pooled SNIS as in ``snis_change``. Pooled normalisation only.
+
+    The estimate is F(T̄) of per-group sums T_g (6 linear sums over E, the same 6 and the 2
+    weighted sums times 1{g ∈ E_sub}). Groups are independent but two kinds (in or out of
+    E_sub), so the variance is stratified: Var = Σ_strata n_s·s²_s(ψ) / G² with
+    ψ_g = ∇F·T_g; groups outside E_sub carry only the L(E) term. Degrees of freedom by
+    Welch-Satterthwaite over the two strata (G-1 when E_sub = E).
+    """
+    dt = torch.float64
+    M = len(a0)
+    sub = torch.as_tensor(sub, dtype=torch.long)
+    G = int(groups.max()) + 1
+    ind = torch.zeros(M, dtype=torch.bool)
+    ind[sub] = True
+    in_g = torch.zeros(G, dtype=torch.bool).index_fill_(0, groups[sub], True)
+    if not torch.equal(ind, in_g[groups]):
+        raise StepprobeError("two_phase: the subsample must consist of whole prompt groups")
+    k = int(in_g.sum())
+    if G - k == 1 and noise == "prompts":
+        raise StepprobeError(
+            f"two_phase: the subsample leaves 1 of {G} groups outside, so its variance cannot be "
+            "estimated; use all groups or at most G-2"
+        )
+    a0, da, s = a0.to(dt), da.to(dt), score.to(dt)
+    b0 = torch.ones_like(a0) if b0 is None else b0.to(dt)
+    db = torch.zeros_like(a0) if db is None else db.to(dt)
+    logw, a = logw.to(dt), a.to(dt)
+    bs = torch.ones_like(a) if b is None else b.to(dt)
+    w = torch.exp(logw - logw.max())
+    wa, wb = torch.zeros(M, dtype=dt), torch.zeros(M, dtype=dt)
+    wa[sub], wb[sub] = w * a, w * bs
+    lin = torch.stack([da, db, a0 * s, b0 * s, a0, b0], 1)
+    T = torch.cat([lin, lin * ind[:, None], wa[:, None], wb[:, None]], 1)  # [M, 14]
+    Tg = torch.zeros(G, T.shape[1], dtype=dt).index_add_(0, groups, T)
+    with torch.enable_grad():  # ∇F for the delta method, also when called under no_grad
+        m = Tg.mean(0).requires_grad_()
+        est = _two_phase_F(m, float(step))
+        (grad,) = torch.autograd.grad(est, m)
+    est = est.detach()
+    if noise == "prompts":
+        psi = Tg @ grad
+        parts = [psi[in_g], psi[~in_g]]
+        v = [len(p) * p.var() / G**2 if len(p) > 1 else torch.zeros((), dtype=dt) for p in parts]
+        var = v[0] + v[1]
+        den = sum(vi**2 / (len(p) - 1) for vi, p in zip(v, parts, strict=True) if len(p) > 1)
+        df = float(var**2 / den) if den > 0 else k - 1
+    elif noise == "completions":
+        n = torch.bincount(groups, minlength=G).to(dt)
+        dev = (T - (Tg / n[:, None])[groups]) @ grad
+        var = ((n / (n - 1).clamp(min=1))[groups] * dev**2).sum() / G**2
+        df = M - G
+    else:
+        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
+    with torch.no_grad():
+        lin_e = float(step) * float(_pooled_slope(m[:6]))
+        q0 = float(m[4] / m[5])
+    return {
+        "df": df,
+        "estimate": float(est),
+        "se": float(var.sqrt()),
+        "value": q0 + float(est),
+        "base": q0,
+        "linear": lin_e,
+        "remainder": float(est) - lin_e,
+        "subsample_groups": k,
+        "ess": float(w.sum() ** 2 / (w**2).sum()),
+        "max_weight_share": float(w.max() / w.sum()),
+    }
+
+
+def two_phase_table(
+    model: torch.nn.Module,
+    E: Batch,
+    quantities,
+    directions: Mapping[str, Params],
+    etas: Sequence[float],
+    subsample,
+    temperature: float = 1.0,
+    lr: float = 1.0,
+    noise: str | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> pd.DataFrame:
+    """``two_phase_change`` rows: one jvp per direction on all of E, the shifted forwards on
+    E_sub only (the expensive part: one per (direction, η))."""
+    qs = get_quantities(quantities)
+    theta = trainable(model, {k for d in directions.values() for k in d})
+    g = group_index(E)
+    noise = noise or default_noise(g)
+    sub = subsample_rows(g, subsample, seed)
+    vals = evaluate(model, E.select(sub), qs, directions, etas, temperature, lr, theta, dtype)
+    rows = []
+    for name, v in directions.items():
+        parts, dparts = linear_parts(model, E, qs, v, temperature, theta, dtype)
+        for eta in etas:
+            shifted_parts = vals.shifted[(name, float(eta))]
+            logw = shifted_parts["_logp"] - vals.base["_logp"]
+            for q in qs:
+                (a, b), (a0, b0), (da, db) = shifted_parts[q.name], parts[q.name], dparts[q.name]
+                r = two_phase_change(
+                    logw, a, b, a0, b0, da, db, dparts["_logp"], g, sub, float(eta) * lr, noise
+                )
+                rows.append(
+                    {"quantity": q.name, "direction": name, "eta": float(eta),
+                     "step_size": float(eta) * lr, **r}
+                )  # fmt: skip
+    df = pd.DataFrame(rows)
+    if len(df):
+        add_interval(df)
+        df["ess_frac"] = df["ess"] / len(sub)
+        df["estimator"] = "two_phase"
+        df["noise"] = noise
+        df["normalise"] = "pooled"
     return df
 
 
@@ -517,18 +700,37 @@ def measure(
     noise: str | None = None,
     dtype: torch.dtype | None = None,
     normalise: str = "pooled",
+    subsample=None,
+    seed: int | None = None,
 ) -> Measurement:
     """ΔQ for each (quantity, direction, η) on evaluation batch E (η in units of the run's lr).
 
-    ``estimator``: "snis" (true change), "linear" (η·lr·∇Q·v by jvp) or "both".
+    ``estimator``: "snis" (true change), "linear" (η·lr·∇Q·v by jvp), "both", or
+    "two_phase" (linear on all of E + the SNIS-minus-linear remainder on ``subsample``: a
+    fraction or number of E's prompt groups, the first ones or drawn with ``seed``).
     """
-    if estimator not in ("snis", "linear", "both"):
-        raise StepprobeError(f"estimator={estimator!r}; expected 'snis', 'linear' or 'both'")
+    if estimator not in ("snis", "linear", "both", "two_phase"):
+        raise StepprobeError(
+            f"estimator={estimator!r}; expected 'snis', 'linear', 'both' or 'two_phase'"
+        )
     if len(E) < 2:
         raise StepprobeError(f"evaluation batch has {len(E)} sequence(s); need at least 2")
     model, temp, lr = ckpt.model, float(ckpt.settings.temperature), float(update.lr)
     dirs = update_directions(ckpt, update, directions)
     tables, vals = [], None
+    if estimator == "two_phase":
+        if subsample is None:
+            raise StepprobeError(
+                "estimator='two_phase' needs subsample= (a fraction or a number of groups)"
+            )
+        if normalise != "pooled":
+            raise StepprobeError(
+                f"estimator='two_phase' supports normalise='pooled' only, not {normalise!r}"
+            )
+        table = two_phase_table(
+            model, E, quantity, dirs, etas, subsample, temp, lr, noise, seed, dtype
+        )
+        return Measurement(table=table)
     if estimator in ("snis", "both"):
         vals = evaluate(model, E, quantity, dirs, etas, temp, lr, dtype=dtype)
         tables.append(summarise(vals, quantity, lr, noise, normalise=normalise))
