@@ -64,6 +64,24 @@ def test_measure_writes_the_api_table(saved):
     assert not list(d.glob(".*.tmp"))
 
 
+def test_measure_two_phase_equals_the_api(saved):
+    d, ck = saved
+    out = d / "m2.parquet"
+    code, text = _run(["measure", "--checkpoint", ck, "--update-batch", d / "U", "--eval-batch",
+                       d / "E", "--eta", "1", "--estimator", "two_phase", "--subsample", "2",
+                       "--out", out])  # fmt: skip
+    assert code == 0, text
+    ckpt, upd, E = _api(ck, d)
+    ref = sp.measure(ckpt, upd, E, ["entropy"], [1.0], estimator="two_phase", subsample=2).table
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out), ref.reset_index(drop=True), check_exact=False, rtol=1e-12
+    )
+    code, text = _run(["measure", "--checkpoint", ck, "--update-batch", d / "U", "--eval-batch",
+                       d / "E", "--estimator", "two_phase", "--out", d / "m3.parquet"])  # fmt: skip
+    assert code == 2 and "--subsample goes with --estimator two_phase" in " ".join(text.split())
+    assert not (d / "m3.parquet").exists()
+
+
 def test_influence_sequence_and_token(saved):
     d, ck = saved
     ckpt, upd, E = _api(ck, d)

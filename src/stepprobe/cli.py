@@ -276,7 +276,12 @@ def measure_cmd(
     out: str = typer.Option(..., "--out", help="output .parquet (one row per q, direction, η)"),
     quantity: list[str] = typer.Option(["entropy"], "--quantity", help="repeatable"),
     eta: list[float] = typer.Option([1.0], "--eta", help="step size in units of lr; repeatable"),
-    estimator: str = typer.Option("snis", "--estimator", help="snis, linear or both"),
+    estimator: str = typer.Option(
+        "snis", "--estimator", help="snis, linear, both or two_phase (needs --subsample)"
+    ),
+    subsample: float = typer.Option(
+        None, "--subsample", help="two_phase: share (< 1) or number of prompt groups for SNIS"
+    ),
     direction: list[str] = typer.Option(
         ["full"], "--direction", help="full, baseline, grad, i or baseline+i; repeatable"
     ),
@@ -288,12 +293,17 @@ def measure_cmd(
     """ΔQ(η) of CHECKPOINT's step on the update batch, measured on the evaluation batch."""
     from .measure import measure
 
-    if estimator not in ("snis", "linear", "both"):
-        raise StepprobeError(f"--estimator {estimator!r}: expected snis, linear or both")
+    if estimator not in ("snis", "linear", "both", "two_phase"):
+        raise StepprobeError(f"--estimator {estimator!r}: expected snis, linear, both or two_phase")
+    if (estimator == "two_phase") != (subsample is not None):
+        raise StepprobeError("--subsample goes with --estimator two_phase (and it needs one)")
     ckpt, upd, E = _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, out)
     dirs = [int(d) if d.isdigit() else d for d in direction]
+    extra = (
+        {} if subsample is None else {"subsample": subsample if subsample < 1 else int(subsample)}
+    )
     m = measure(ckpt, upd, E, quantity, eta, estimator=estimator, directions=dirs, noise=noise,
-                normalise=normalise)  # fmt: skip
+                normalise=normalise, **extra)  # fmt: skip
     _write_parquet(m.table, out)
     console.print(m.summary())
     console.print(f"wrote {out}: {len(m.table)} rows")
