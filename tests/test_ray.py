@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from _study_fake import fake_config, fake_trial, make_fake_run
+from _tables import assert_real_tables_equal
 from stepprobe.errors import StepprobeError
 from stepprobe.study import Store, get_executor, parse_config, run_study
 
@@ -254,11 +255,13 @@ def test_real_trial_body_through_the_cli_on_ray_equals_in_process(cluster, real_
     )
     assert r.exit_code == 0, r.output
     # A Ray task with num_cpus=1 runs torch on one thread; the reference does too, so that
-    # float reductions split the same way and the tables can be compared bit for bit.
+    # float reductions split the same way (equal to float32 rounding across processes).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run_study(real_study, tmp_path / "inproc", progress=False, report=False)
     finally:
         torch.set_num_threads(threads)
-    _assert_same(_tables(tmp_path / "inproc"), _tables(tmp_path / "ray"))
+    a, b = _tables(tmp_path / "inproc"), _tables(tmp_path / "ray")
+    for n in TABLES:
+        assert_real_tables_equal(a[n], b[n])

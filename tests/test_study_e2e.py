@@ -16,6 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from _tables import assert_real_tables_equal
 from stepprobe.cli import app
 from stepprobe.demo.task import make_prompts
 from stepprobe.demo.train import tiny_grpo_run
@@ -117,5 +118,5 @@ def test_real_study_kill_9_resume_equals_uninterrupted(study_cfg, straight, tmp_
     assert summary["trials"]["ran_this_time"] == 1
     resumed = _tables(killed)
     for n in TABLES:
-        pd.testing.assert_frame_equal(resumed[n], t[n], check_exact=True)
+        assert_real_tables_equal(resumed[n], t[n])
     assert os.path.exists(killed / "report.md")

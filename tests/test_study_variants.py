@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from _tables import assert_real_tables_equal
 from stepprobe.demo.task import make_prompts
 from stepprobe.demo.train import tiny_grpo_run
 from stepprobe.errors import StepprobeError
@@ -181,4 +182,4 @@ def test_resume_gives_identical_tables(study, study_cfg, tmp_path):
     assert json.loads((copy / "summary.json").read_text())["trials"]["ran_this_time"] == 1
     after = _tables(copy)
     for n in TABLES:
-        pd.testing.assert_frame_equal(after[n], before[n], check_exact=True)
+        assert_real_tables_equal(after[n], before[n])
