@@ -17,23 +17,15 @@ from stepprobe.measure import (
     summarise,
     trainable,
 )
-from tiny_models import TinyLM, ToyUpdate, toy_ckpt
+from tiny_models import EXACT_PROMPTS, ToyUpdate, exact_case, toy_ckpt
 
-PROMPTS = [[1, 2], [2], [0, 1, 1], [3, 0]]
+PROMPTS = EXACT_PROMPTS
 QUANTITIES = ["entropy", "entropy_seq", "reward"]
-
-
-def reward(i, c):
-    return float(c.count(1)) + 0.5 * i
 
 
 @pytest.fixture(scope="module")
 def setup():
-    m = TinyLM(vocab=4, seed=0)
-    enum = exact.enumerate_batch(PROMPTS, 4, 3, eos_id=3, reward=reward)
-    gen = torch.Generator().manual_seed(0)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in trainable(m).items()}
-    return m, enum, v
+    return exact_case()
 
 
 def _exact_prompt_parts(m, enum, v, eta):

@@ -121,3 +121,24 @@ def toy_ckpt(model, temperature=1.0):
     return SimpleNamespace(
         model=model, settings=SimpleNamespace(temperature=temperature), to_module=dict
     )
+
+
+# The exact-enumeration case the estimator tests share: 4 prompts, vocabulary 4 (id 3 is
+# EOS), completions up to 3 tokens, a reward that varies within and across prompts.
+EXACT_PROMPTS = [[1, 2], [2], [0, 1, 1], [3, 0]]
+
+
+def exact_reward(i, c):
+    return float(c.count(1)) + 0.5 * i
+
+
+def exact_case():
+    """(TinyLM, its full enumeration with rewards, a seeded random direction v)."""
+    from stepprobe import exact
+    from stepprobe.measure import trainable
+
+    m = TinyLM(vocab=4, seed=0)
+    enum = exact.enumerate_batch(EXACT_PROMPTS, 4, 3, eos_id=3, reward=exact_reward)
+    gen = torch.Generator().manual_seed(0)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in trainable(m).items()}
+    return m, enum, v
