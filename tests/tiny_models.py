@@ -16,7 +16,11 @@ from torch.nn import functional as F
 
 
 class TinyLM(nn.Module):
-    """Embedding + one causal self-attention block + MLP + head; HF-style call signature."""
+    """Embedding + one causal self-attention block + MLP + head; HF-style call signature.
+
+    ``padding_idx``: the embedding is an ``nn.Embedding`` with that padding row (as in
+    transformers' models: a backward pass gives it no gradient from its lookups).
+    """
 
     def __init__(
         self,
@@ -26,11 +30,16 @@ class TinyLM(nn.Module):
         attn: str = "math",
         seed: int = 0,
         scale: float = 1.0,
+        padding_idx: int | None = None,
     ):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.attn = attn
-        self.emb = nn.Parameter(torch.randn(vocab, d, generator=g, dtype=torch.float64) * scale)
+        emb = torch.randn(vocab, d, generator=g, dtype=torch.float64) * scale
+        if padding_idx is None:
+            self.emb = nn.Parameter(emb)
+        else:
+            self.tok = nn.Embedding.from_pretrained(emb, freeze=False, padding_idx=padding_idx)
         self.pos = nn.Parameter(
             torch.randn(max_len, d, generator=g, dtype=torch.float64) * scale * 0.5
         )
@@ -49,7 +58,7 @@ class TinyLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        x = self.emb[input_ids] + self.pos[pos]
+        x = (self.tok(input_ids) if hasattr(self, "tok") else self.emb[input_ids]) + self.pos[pos]
         q, k, v = (x @ self.qkv.T).chunk(3, dim=-1)
         L = input_ids.shape[1]
         allowed = (
@@ -142,3 +151,4 @@ def exact_case():
     gen = torch.Generator().manual_seed(0)
     v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in trainable(m).items()}
     return m, enum, v
+

@@ -167,14 +167,23 @@ def gradient(
     theta: Params | None = None,
     prompts=None,
 ) -> dict:
-    """Exact ∇Q (module-name dict) by autograd through the enumeration."""
+    """Exact ∇Q (module-name dict) by autograd through the enumeration.
+
+    The true gradient: an embedding's ``padding_idx`` row gets its gradient from lookups of
+    that id too (a completion may contain the pad token; see influence.true_gradient).
+    """
+    from .influence import true_gradient
+
     theta = dict(theta) if theta is not None else trainable(model)
     keys = list(theta)
 
     def f(*ps):
         return value(model, enum, quantity, temperature, dict(zip(keys, ps, strict=True)), prompts)
 
-    grads = torch.func.grad(f, argnums=tuple(range(len(keys))))(*(theta[k].detach() for k in keys))
+    with true_gradient(model):
+        grads = torch.func.grad(f, argnums=tuple(range(len(keys))))(
+            *(theta[k].detach() for k in keys)
+        )
     return dict(zip(keys, grads, strict=True))
 
 
