@@ -2,16 +2,20 @@
 
 MATH.md §3. ∇Q on E comes from ONE backward through a surrogate whose gradient is
 
-    ∇Q = Σ_j ∇term_j,  term_j = c_j [ a_j(θ) + (a_j - ā_g) log π_θ(y_j) ]   (ratio: delta method)
+    ∇Q = Σ_j ∇term_j,  term_j = alpha_j a_j(θ) + beta_j b_j(θ) + gamma_j log π_θ(y_j)
 
-with the per-group SNIS normalisation of measure.py (it is the η-derivative of that
-estimator at 0). Then, for the update's per-sequence parts v_i = P ⊙ g_i:
+with constants fixed at θ (``delta.Linearisation``): the η-derivative at 0 of measure.py's
+SNIS estimator (same normalisation). Then, for the update's per-sequence parts v_i = P ⊙ g_i:
 
 - dot products ∇Q·v_i for every update sequence (Update.sequence_parts), and the
   (eval sequence x update sequence) matrix from per-eval-sequence gradients ∇term_j;
 - per-token influences of every update token by ONE jvp of the per-token losses along
   u = ∇Q ⊙ P (memory O(P)); summed per sequence they give the per-sequence influences.
 
+Standard errors come from the influence function of the estimate (``delta``): along any
+direction v, ψ_j(v) = ∇Φ_j·v with ∇Φ_j = ∇term_j - gamma_j ∇s̄_g - kappa_j ∇K - phi_j ∇Q,
+so one backward for ∇K (and one per group for ∇s̄_g, group normalisation with
+noise="completions" only) on top of the per-sequence gradients gives them for every v.
 A plain jvp of Q's surrogate along v (``linear_jvp``) is kept as the cross-check.
 Every jvp runs under the math SDPA kernel: fused kernels have no forward-mode AD.
 """
@@ -26,17 +30,10 @@ import pandas as pd
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import delta
 from .batch import Batch
 from .errors import StepprobeError
-from .measure import (
-    Z95,
-    cluster_se,
-    default_noise,
-    forward_parts,
-    group_index,
-    linear_terms,
-    trainable,
-)
+from .measure import add_interval, default_noise, forward_parts, group_index, trainable
 from .precision import eval_chunk, grad_chunk
 from .quantities import get_quantity
 from .update import vmap_attention
@@ -94,18 +91,28 @@ def trainer_gradient(model):
 # --------------------------------------------------------------------------- the surrogate
 @dataclass
 class Surrogate:
-    """Constants of the surrogate at θ: term_j = alpha_j a_j + beta_j b_j + gamma_j log π_j."""
+    """Constants at θ of a sum of per-sequence terms alpha_j a_j + beta_j b_j + gamma_j log π_j.
+
+    Its gradient is ∇Q (the constants of ``lin``), ∇K or a group's mean score, by the
+    constants chosen. ``lin``: the estimator's ``delta.Linearisation`` (Q's surrogate only).
+    """
 
     alpha: torch.Tensor
     beta: torch.Tensor
     gamma: torch.Tensor
     value: float  # Q̂(θ)
     groups: torch.Tensor
+    lin: delta.Linearisation | None = None
 
     def rows(self, index) -> Surrogate:
         """The constants of a subset of E's sequences (Q̂(θ) stays the whole E's)."""
         b = None if self.beta is None else self.beta[index]
         return Surrogate(self.alpha[index], b, self.gamma[index], self.value, self.groups[index])
+
+    def log_b(self) -> Surrogate:
+        """K = Σ_j kb_j b_j + ks_j log π_j, whose derivative along v is k = d log B̂/dη."""
+        lin = self.lin
+        return Surrogate(torch.zeros_like(lin.kb), lin.kb, lin.ks, self.value, self.groups)
 
 
 @torch.no_grad()
@@ -116,8 +123,8 @@ def surrogate(
     parts = forward_parts(model, E, [q], temperature, None, dtype)
     a, b = parts[q.name]
     g = group_index(E)
-    alpha, beta, gamma, Q0 = linear_terms(a, b, g, normalise)
-    return Surrogate(alpha, beta, gamma, Q0, g)
+    lin = delta.linearise(a, b, g, normalise, ratio=q.ratio)
+    return Surrogate(lin.alpha, lin.beta, lin.gamma, lin.value, g, lin)
 
 
 def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None, chunk=None) -> torch.Tensor:
@@ -128,6 +135,30 @@ def _terms(model, E, q, temperature, params, s: Surrogate, dtype=None, chunk=Non
     if b is not None:
         out = out + s.beta.to(a.dtype) * b
     return out.to(dt) if a.dtype == dt else out
+
+
+def _surrogate_gradient(model, E, q, temperature, theta, s: Surrogate, dtype=None, chunk=None):
+    """∇ Σ_j term_j (module-name dict) by one backward over E, ``chunk`` rows at a time."""
+    keys = list(theta)
+    prim = tuple(theta[k].detach() for k in keys)
+    # A sum of per-sequence terms with constants fixed at θ: the gradient is the sum of
+    # per-chunk gradients, so only one chunk's activations are held at a time.
+    n = len(E)
+    chunk = eval_chunk(model, E) if chunk is None else chunk
+    step = n if chunk is None else max(1, min(chunk, n))
+    total = None
+    for lo in range(0, n, step):
+        rows = slice(lo, lo + step)
+        Ec, sc = (E, s) if step == n else (E.select(rows), s.rows(rows))
+
+        def f(*ps, Ec=Ec, sc=sc):
+            params = dict(zip(keys, ps, strict=True))
+            return _terms(model, Ec, q, temperature, params, sc, dtype, chunk=n).sum()
+
+        with true_gradient(model):
+            g = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
+        total = list(g) if total is None else [a + b for a, b in zip(total, g, strict=True)]
+    return dict(zip(keys, total, strict=True))
 
 
 def score_gradient(
@@ -145,26 +176,29 @@ def score_gradient(
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
     s = surrogate(model, E, q, temperature, dtype, normalise)
-    keys = list(theta)
-    prim = tuple(theta[k].detach() for k in keys)
-    # The surrogate is a sum of per-sequence terms with constants fixed at θ, so ∇Q is the
-    # sum of per-chunk gradients: only one chunk's activations are held at a time.
-    n = len(E)
-    chunk = eval_chunk(model, E) if chunk is None else chunk
-    step = n if chunk is None else max(1, min(chunk, n))
-    total = None
-    for lo in range(0, n, step):
-        rows = slice(lo, lo + step)
-        Ec, sc = (E, s) if step == n else (E.select(rows), s.rows(rows))
+    return _surrogate_gradient(model, E, q, temperature, theta, s, dtype, chunk), s.value
 
-        def f(*ps, Ec=Ec, sc=sc):
-            params = dict(zip(keys, ps, strict=True))
-            return _terms(model, Ec, q, temperature, params, sc, dtype, chunk=n).sum()
 
-        with true_gradient(model):
-            g = torch.func.grad(f, argnums=tuple(range(len(keys))))(*prim)
-        total = list(g) if total is None else [a + b for a, b in zip(total, g, strict=True)]
-    return dict(zip(keys, total, strict=True)), s.value
+def if_gradients(model, E, q, temperature, theta, s: Surrogate, noise: str, dtype=None) -> dict:
+    """The gradients the influence function needs besides ∇term_j and ∇Q (``delta.combine``):
+    ``k`` = ∇K (None when k ≡ 0) and ``sbar`` = ∇s̄_g per group [G, *shape] (group
+    normalisation with noise="completions" only; its term sums to 0 within a group)."""
+    lin = s.lin
+    gk = (
+        _surrogate_gradient(model, E, q, temperature, theta, s.log_b(), dtype)
+        if lin.has_k
+        else None
+    )
+    gs = None
+    if lin.centred and noise == "completions":
+        per = []
+        for c in range(lin.n_groups):
+            idx = (s.groups == c).nonzero().flatten()
+            zero = torch.zeros(len(idx), dtype=lin.alpha.dtype)
+            sg = Surrogate(zero, zero, zero + 1.0 / len(idx), s.value, s.groups[idx])
+            per.append(_surrogate_gradient(model, E.select(idx), q, temperature, theta, sg, dtype))
+        gs = {k: torch.stack([p[k] for p in per]) for k in per[0]}
+    return {"k": gk, "sbar": gs}
 
 
 def linear_jvp(
@@ -216,8 +250,12 @@ def per_sequence_gradients(
     """
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
-    chunk = grad_chunk(theta, len(E)) if chunk is None else chunk
     s = surrogate(model, E, q, temperature, dtype, normalise)
+    return _per_sequence_gradients(model, E, q, temperature, theta, s, chunk, dtype)
+
+
+def _per_sequence_gradients(model, E, q, temperature, theta, s: Surrogate, chunk=None, dtype=None):
+    chunk = grad_chunk(theta, len(E)) if chunk is None else chunk
     keys = list(theta)
     prim = tuple(theta[k].detach() for k in keys)
     rew = E.rewards if E.rewards is not None else torch.zeros(len(E))
@@ -317,10 +355,13 @@ def influence(
 ) -> Influence:
     """δQ_i = η·lr·∇Q·v_i for every update sequence (or token t of sequence i).
 
-    ``level="sequence"``: dot products with Update.sequence_parts; with ``matrix``/``se``
-    the (eval x update) matrix from per-eval-sequence gradients gives the standard errors.
+    ``level="sequence"``: dot products with Update.sequence_parts; ``matrix``: the (eval x
+    update) contributions η·lr·∇term_j·v_i (columns sum to δQ_i) from per-eval-sequence
+    gradients, which with ``se`` also give the standard errors (the influence function,
+    ``delta``: the matrix's own cluster sums would leave out how Q̂ and B̂ vary with E).
     ``level="token"``: one jvp of Update.token_losses along u = ∇Q ⊙ P; with ``se`` one
     more jvp per prompt group (per eval sequence for noise="completions").
+    ``full``/``baseline``: (influence, se) of the whole v and of the baseline b.
     """
     if level not in ("sequence", "token"):
         raise StepprobeError(f"level={level!r}; expected 'sequence' or 'token'")
@@ -330,66 +371,85 @@ def influence(
     to_module = getattr(ckpt, "to_module", lambda d: dict(d))
     vec, base, P = to_module(update.vector), to_module(update.baseline), to_module(update.precond)
     theta = trainable(model, list(vec))
-    grad, value = score_gradient(model, E, q, temp, theta, dtype, normalise)
+    s = surrogate(model, E, q, temp, dtype, normalise)
+    grad, value = _surrogate_gradient(model, E, q, temp, theta, s, dtype), s.value
     g = group_index(E)
     noise = noise or default_noise(g)
+    lin = s.lin
     ubatch = update.batch
+    whole = {k: torch.stack([vec[k], base[k]]) for k in vec}  # the full v and the baseline b
+    full_b = scale * dot(grad, whole)
+    ses = [float("nan")] * 2
+    extra_mat = None
+    if se:
+        fn = if_gradients(model, E, q, temp, theta, s, noise, dtype)
+
+        def functionals(dirs):
+            """(k, s̄_g) along ``dirs`` ([n, *shape] dicts), times the step."""
+            k = scale * dot(fn["k"], dirs) if fn["k"] is not None else torch.zeros(())
+            sb = scale * gram(fn["sbar"], dirs) if fn["sbar"] is not None else None
+            return k, sb
+
     if level == "sequence":
         parts = to_module(update.sequence_parts())
         inf = scale * dot(grad, parts)
-        mat = None
+        sev = torch.full_like(inf, float("nan"))
         if matrix or se:
-            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype, normalise=normalise)
+            per = _per_sequence_gradients(model, E, q, temp, theta, s, dtype=dtype)
             mat = scale * gram(per, parts)  # [M, N]
-        sev = cluster_se(mat, g, noise) if se else torch.full_like(inf, float("nan"))
+            extra_mat = mat if matrix else None
+        if se:
+            k, sb = functionals(parts)
+            sev = delta.cluster_se(lin.combine(mat, k, inf, sb), g, noise)
+            k, sb = functionals(whole)
+            psi = lin.combine(scale * gram(per, whole), k, full_b, sb)
+            ses = [float(x) for x in delta.cluster_se(psi, g, noise)]
         table = (
             ubatch.table() if hasattr(ubatch, "table") else pd.DataFrame({"seq": range(len(inf))})
         )
         table["influence"] = inf.double().numpy()
         table["se"] = sev.double().numpy()
-        extra_mat = mat if matrix else None
-        full_b = [dot(grad, vec), dot(grad, base)]
-        if se:
-            pv = gram(per, {k: vec[k][None] for k in per})
-            pb = gram(per, {k: base[k][None] for k in per})
-            ses = [
-                float(cluster_se(scale * pv[:, 0], g, noise)),
-                float(cluster_se(scale * pb[:, 0], g, noise)),
-            ]
-        else:
-            ses = [float("nan")] * 2
     else:
         u = {k: grad[k] * P[k].to(grad[k].dtype) for k in grad if k in P}
         tok = scale * token_jvp(update.token_losses, theta, u, model)
         mask = ubatch.completion_mask.bool()
         sev = torch.full_like(tok, float("nan"))
         if se:
-            per = per_sequence_gradients(model, E, q, temp, theta, dtype=dtype, normalise=normalise)
+            per = _per_sequence_gradients(model, E, q, temp, theta, s, dtype=dtype)
+            # Clusters: prompt groups ("prompts") or eval sequences ("completions"). The
+            # influence function of cluster c along v is ∇Φ_c·v: one jvp along ∇Φ_c ⊙ P.
             cl = g if noise == "prompts" else torch.arange(len(E))
             K = int(cl.max()) + 1
-            contrib = []
-            for c in range(K):
-                idx = (cl == c).nonzero().flatten()
-                uc = {k: per[k][idx].sum(0) * P[k].to(per[k].dtype) for k in per if k in P}
-                contrib.append(scale * token_jvp(update.token_losses, theta, uc, model))
-            contrib = torch.stack(contrib)  # [K, N, C] per-cluster sums
-            sev = cluster_se(contrib, torch.arange(K) if noise == "prompts" else g, noise)
+            phis = {}
+            for name in per:
+                pc = torch.zeros((K, *per[name].shape[1:]), dtype=per[name].dtype)
+                pc.index_add_(0, cl, per[name])
+                gk = fn["k"][name] if fn["k"] is not None else torch.zeros_like(grad[name])
+                gs = fn["sbar"][name] if fn["sbar"] is not None else None
+                phis[name] = lin.combine(pc, gk, grad[name], gs, clusters=cl)
+            contrib = torch.stack([
+                scale * token_jvp(update.token_losses, theta,
+                                  {k: phis[k][c] * P[k].to(phis[k].dtype) for k in phis if k in P}, model)
+                for c in range(K)
+            ])  # fmt: skip
+            rows = torch.arange(K) if noise == "prompts" else g
+            sev = delta.cluster_se(contrib, rows, noise)
+            ses = [float(x) for x in delta.cluster_se(scale * gram(phis, whole), rows, noise)]
         seq, pos = mask.nonzero(as_tuple=True)
         table = pd.DataFrame({"seq": seq.numpy(), "pos": pos.numpy(), "token_id": ubatch.completion_ids[mask].numpy(),
                               "influence": tok[mask].double().detach().numpy(), "se": sev[mask].double().numpy()})  # fmt: skip
-        extra_mat = None
-        full_b = [dot(grad, vec), dot(grad, base)]
-        ses = [float("nan")] * 2
-    table["ci_low"] = table["influence"] - Z95 * table["se"]
-    table["ci_high"] = table["influence"] + Z95 * table["se"]
+    # Student's t with the cluster variance's degrees of freedom, as measure's intervals
+    G = int(g.max()) + 1
+    table["df"] = G - 1 if noise == "prompts" else len(E) - G
+    add_interval(table, "influence")
     table["quantity"] = q.name
     table["eta"] = float(eta)
     table["step_size"] = scale
     return Influence(
         table=table,
         matrix=extra_mat,
-        baseline=(scale * float(full_b[1]), ses[1]),
-        full=(scale * float(full_b[0]), ses[0]),
+        baseline=(float(full_b[1]), ses[1]),
+        full=(float(full_b[0]), ses[0]),
         value=value,
         grad=grad,
     )

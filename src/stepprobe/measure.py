@@ -4,12 +4,12 @@ MATH.md §3-4. Evaluation samples y_j ~ π_θ are shared by every direction and 
 random numbers); the base pass (η = 0) runs once. Weights are normalised over all of E
 (``normalise="pooled"``, default: O(1/M) bias) or within each prompt group
 (``"group"``, MATH.md's choice: O(1/n_g) bias, see docs/math.md). Every estimate carries a delta-method
-standard error:
+standard error, the cluster variance of its influence function (``delta``):
 
 - ``noise="prompts"``: prompts are a random draw (groups are iid clusters): the
   variance of the mean of per-group estimates. Covers prompt and completion noise.
 - ``noise="completions"``: the prompts of E are fixed; only the completions are random:
-  the SNIS sandwich within each group, summed over groups.
+  the sandwich within each group, summed over groups.
 
 Layers: ``evaluate`` (forwards, plain ingredients: model, θ overrides, directions),
 ``snis_change`` (statistics on per-sequence values, no model), ``measure`` (adapts a
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from . import delta
 from .batch import Batch
 from .errors import StepprobeError
 from .forward import score_batch
@@ -162,11 +163,6 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- statistics
-def _group_stats(x: torch.Tensor, wt: torch.Tensor, g: torch.Tensor, G: int) -> torch.Tensor:
-    """Per-group weighted sums Σ_{j∈g} wt_j x_j."""
-    return torch.zeros(G, dtype=x.dtype).index_add_(0, g, wt * x)
-
-
 def snis_change(
     logw: torch.Tensor,
     a: torch.Tensor,
@@ -180,164 +176,28 @@ def snis_change(
     """SNIS estimate of ΔQ from per-sequence values, with its delta-method standard error.
 
     ``logw`` = log π_{θ+ηv}(y_j) - log π_θ(y_j); (a, b) the integrand at θ+ηv, (a0, b0) at θ.
-    Returns estimate, se, value (Q̂ at θ+ηv), base (Q̂ at θ), ess, max_weight_share.
+    Pooled weights (one normalisation over E: O(1/M) bias, consistent for the prompt
+    average since unbiased weights have mean 1 under every prompt) or per-group ones.
+    The SE is the cluster variance of the influence function ``delta.snis``.
+    Returns df, estimate, se, value (Q̂ at θ+ηv), base (Q̂ at θ), ess, max_weight_share.
     """
-    dt = torch.float64
-    logw, a, a0 = logw.to(dt), a.to(dt), a0.to(dt)
-    ratio = b is not None
-    b = b.to(dt) if ratio else torch.ones_like(a)
-    b0 = b0.to(dt) if ratio else torch.ones_like(a0)
-    g = groups
-    G = int(g.max()) + 1
-    n = torch.bincount(g, minlength=G).to(dt)
+    r = delta.snis(logw, a, b, a0, b0, groups, normalise)
+    var, df = delta.cluster_variance(r["psi"], groups, noise)
+    w, wt = r["w"], r["wt"]
     if normalise == "pooled":
-        return _snis_pooled(logw, a, b, a0, b0, g, G, n, noise)
-    if normalise != "group":
-        raise StepprobeError(f"normalise={normalise!r}; expected 'pooled' or 'group'")
-    # Within-group normalised weights (stabilised by the group's max log-weight).
-    gmax = torch.full((G,), -math.inf, dtype=dt).scatter_reduce(0, g, logw, "amax")
-    w = torch.exp(logw - gmax[g])
-    sw = torch.zeros(G, dtype=dt).index_add_(0, g, w)
-    wt = w / sw[g]
-    u = 1.0 / n[g]
-    Z = torch.stack(
-        [
-            _group_stats(a, wt, g, G),
-            _group_stats(b, wt, g, G),
-            _group_stats(a0, u, g, G),
-            _group_stats(b0, u, g, G),
-        ]
-    )
-    A, B, A0, B0 = Z.mean(1)
-    if ratio:
-        est = A / B - A0 / B0
-        grad = torch.stack([1 / B, -A / B**2, -1 / B0, A0 / B0**2])
-        value, base = A / B, A0 / B0
-    else:
-        est = A - A0
-        grad = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=dt)
-        value, base = A, A0
-    if noise == "prompts":
-        if G < 2:
-            raise StepprobeError(
-                "noise='prompts' needs at least 2 prompt groups (Batch.group_ids); use noise='completions'"
-            )
-        psi = grad @ (Z - Z.mean(1, keepdim=True))
-        var = (psi**2).sum() / (G * (G - 1))
-    elif noise == "completions":
-        # Linearised contribution of each sequence to its group's SNIS ratios.
-        dev = torch.stack(
-            [wt * (a - Z[0, g]), wt * (b - Z[1, g]), u * (a0 - Z[2, g]), u * (b0 - Z[3, g])]
-        )
-        phi = (grad @ dev) / G
-        corr = (n / (n - 1).clamp(min=1))[g]
-        var = (corr * phi**2).sum()
-    else:
-        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
-    ess_g = sw**2 / torch.zeros(G, dtype=dt).index_add_(0, g, w**2)
-    # Few clusters: the interval uses Student's t with G-1 degrees of freedom.
-    df = G - 1 if noise == "prompts" else len(a) - G
+        ess = w.sum() ** 2 / (w**2).sum()
+    else:  # Σ_g ESS_g
+        G = int(groups.max()) + 1
+        ess = (1.0 / torch.zeros(G, dtype=wt.dtype).index_add_(0, groups, wt**2)).sum()
     return {
-        "df": df,
-        "estimate": float(est),
+        "df": int(df),
+        "estimate": float(r["estimate"]),
         "se": float(var.sqrt()),
-        "value": float(value),
-        "base": float(base),
-        "ess": float(ess_g.sum()),
+        "value": float(r["value"]),
+        "base": float(r["base"]),
+        "ess": float(ess),
         "max_weight_share": float(wt.max()),
     }
-
-
-def _snis_pooled(logw, a, b, a0, b0, g, G, n, noise) -> dict:
-    """SNIS with one normalisation over all of E: Q̂ = Σ w a / Σ w b (b = 1 unless a ratio).
-
-    Unbiased weights have mean 1 under every prompt, so pooling is consistent for the
-    prompt-average, with O(1/M) bias instead of the O(1/n_g) of per-group normalisation.
-    The estimate is F(Ȳ) for per-sequence vectors Y_j = (w a, w b, w, a0, b0, 1); its
-    delta-method SE uses group sums (noise="prompts") or within-group deviations.
-    """
-    dt = a.dtype
-    w = torch.exp(logw - logw.max())
-    Y = torch.stack([w * a, w * b, w, a0, b0, torch.ones_like(a)], 1)  # [M, 6]
-
-    Yg = torch.zeros(G, 6, dtype=dt).index_add_(0, g, Y)
-    y = Ybar = Yg.mean(0)
-    est = y[0] / y[1] - y[3] / y[4]  # F(Ȳ); its gradient below (w-sums cancel in each ratio)
-    zero = torch.zeros((), dtype=dt)
-    grad = torch.stack([1 / y[1], -y[0] / y[1] ** 2, zero, -1 / y[4], y[3] / y[4] ** 2, zero])
-    if noise == "prompts":
-        if G < 2:
-            raise StepprobeError(
-                "noise='prompts' needs at least 2 prompt groups (Batch.group_ids); use noise='completions'"
-            )
-        var = ((Yg - Ybar) @ grad).pow(2).sum() / (G * (G - 1))
-    elif noise == "completions":
-        dev = (Y - (Yg / n[:, None])[g]) @ grad
-        var = ((n / (n - 1).clamp(min=1))[g] * dev**2).sum() / G**2
-    else:
-        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
-    return {
-        "df": G - 1 if noise == "prompts" else len(a) - G,
-        "estimate": float(est),
-        "se": float(var.sqrt()),
-        "value": float(Ybar[0] / Ybar[1]),
-        "base": float(Ybar[3] / Ybar[4]),
-        "ess": float(w.sum() ** 2 / (w**2).sum()),
-        "max_weight_share": float(w.max() / w.sum()),
-    }
-
-
-def linear_terms(
-    a: torch.Tensor, b: torch.Tensor | None, g: torch.Tensor, normalise: str = "pooled"
-):
-    """Constants (alpha, beta, gamma, Q0) with dQ̂ = Σ_j alpha_j da_j + beta_j db_j + gamma_j dlogπ_j.
-
-    The η-derivative at 0 of the SNIS estimator (pooled or per-group normalisation): the
-    score-function gradient of MATH.md §3 with the matching baseline, ratio quantities by
-    the delta method. Each term is one evaluation sequence's contribution.
-    """
-    a = a.double()
-    b = torch.ones_like(a) if b is None else b.double()
-    G = int(g.max()) + 1
-    if normalise == "pooled":
-        Sb = b.sum()
-        Q0 = a.sum() / Sb
-        alpha = torch.ones_like(a) / Sb
-        return alpha, -Q0 * alpha, alpha * (a - Q0 * b), float(Q0)
-    if normalise != "group":
-        raise StepprobeError(f"normalise={normalise!r}; expected 'pooled' or 'group'")
-    n = torch.bincount(g, minlength=G).double()
-    u = 1.0 / n[g]
-    abar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * a)
-    bbar = torch.zeros(G, dtype=a.dtype).index_add_(0, g, u * b)
-    A0, B0 = abar.mean(), bbar.mean()
-    Q0 = A0 / B0
-    alpha = u / (G * B0)
-    return alpha, -Q0 * alpha, alpha * ((a - abar[g]) - Q0 * (b - bbar[g])), float(Q0)
-
-
-def cluster_se(contrib: torch.Tensor, groups: torch.Tensor, noise: str) -> torch.Tensor:
-    """SE of Σ_j contrib_j (contrib [M] or [M, ...]) over evaluation samples, by prompt group.
-
-    "prompts": group sums are iid clusters; "completions": prompts fixed, deviations within
-    each group (n_g/(n_g-1) small-sample factor).
-    """
-    c = contrib.double().reshape(contrib.shape[0], -1)
-    G = int(groups.max()) + 1
-    cg = torch.zeros(G, c.shape[1], dtype=c.dtype).index_add_(0, groups, c)
-    if noise == "prompts":
-        if G < 2:
-            raise StepprobeError(
-                "noise='prompts' needs at least 2 prompt groups; use noise='completions'"
-            )
-        var = G * cg.var(0)
-    elif noise == "completions":
-        n = torch.bincount(groups, minlength=G).double()
-        dev = c - (cg / n[:, None])[groups]
-        var = ((n / (n - 1).clamp(min=1))[groups, None] * dev**2).sum(0)
-    else:
-        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
-    return var.sqrt().reshape(contrib.shape[1:])
 
 
 def default_noise(groups: torch.Tensor) -> str:
@@ -435,14 +295,13 @@ def linear_change(
     rows = []
     for name, v in directions.items():
         parts, dparts = linear_parts(model, E, qs, v, temperature, theta, dtype)
-        s = dparts["_logp"].double()
+        s = dparts["_logp"]
         for q in qs:
             (a, b), (da, db) = parts[q.name], dparts[q.name]
-            alpha, beta, gamma, Q0 = linear_terms(a, b, g, normalise)
-            # per-sequence contributions to dQ̂/dη (they sum to the slope)
-            c = alpha * da.double() + beta * db.double() + gamma * s
-            slope = c.sum()
-            se = float(cluster_se(c, g, noise))
+            lin = delta.linearise(a, b, g, normalise, ratio=q.ratio)
+            slope, psi = lin.slope(da, db if q.ratio else None, s)
+            se = float(delta.cluster_se(psi, g, noise))
+            Q0 = lin.value
             for eta in etas:
                 s_eta = float(eta) * lr
                 rows.append({"quantity": q.name, "direction": name, "eta": float(eta), "step_size": s_eta,
@@ -483,21 +342,6 @@ def subsample_rows(groups: torch.Tensor, subsample, seed: int | None = None) -> 
     return torch.isin(groups, chosen).nonzero().flatten()
 
 
-def _pooled_slope(z: torch.Tensor) -> torch.Tensor:
-    """(Σda - Q Σdb + Σ a s - Q Σ b s) / Σb with Q = Σa / Σb: ``linear_terms`` (pooled) summed."""
-    q = z[4] / z[5]
-    return (z[0] - q * z[1] + z[2] - q * z[3]) / z[5]
-
-
-def _two_phase_F(m: torch.Tensor, step: float) -> torch.Tensor:
-    """ΔQ̂ = step·L'(E) + S(E_sub) - step·L'(E_sub) from the 14 pooled means (two_phase_change).
-
-    Every piece is a ratio of sums, so means over G (rather than k) groups give the same value.
-    """
-    snis = m[12] / m[13] - m[10] / m[11]
-    return step * _pooled_slope(m[:6]) + snis - step * _pooled_slope(m[6:12])
-
-
 def two_phase_change(
     logw: torch.Tensor,
     a: torch.Tensor,
@@ -519,17 +363,15 @@ def two_phase_change(
     On E_sub = E[sub] (whole prompt groups) only: ``logw``, (a, b) at θ + step·v, and
     S = pooled SNIS as in ``snis_change``. Pooled normalisation only.
 
-    The estimate is F(T̄) of per-group sums T_g (6 linear sums over E, the same 6 and the 2
-    weighted sums times 1{g ∈ E_sub}). Groups are independent but two kinds (in or out of
-    E_sub), so the variance is stratified: Var = Σ_strata n_s·s²_s(ψ) / G² with
-    ψ_g = ∇F·T_g; groups outside E_sub carry only the L(E) term. Degrees of freedom by
-    Welch-Satterthwaite over the two strata (G-1 when E_sub = E).
+    The influence function is ψ = step·ψ_L(E) + 1{E_sub}·[ψ_S(E_sub) - step·ψ_L(E_sub)]
+    (``delta``). Groups are independent but of two kinds (in or out of E_sub), so the
+    variance is stratified: Var = Σ_strata n_s·s²_s(ψ_g); groups outside E_sub carry only
+    the L(E) term. Degrees of freedom by Welch-Satterthwaite over the two strata (G-1 when
+    E_sub = E).
     """
-    dt = torch.float64
-    M = len(a0)
     sub = torch.as_tensor(sub, dtype=torch.long)
     G = int(groups.max()) + 1
-    ind = torch.zeros(M, dtype=torch.bool)
+    ind = torch.zeros(len(a0), dtype=torch.bool)
     ind[sub] = True
     in_g = torch.zeros(G, dtype=torch.bool).index_fill_(0, groups[sub], True)
     if not torch.equal(ind, in_g[groups]):
@@ -540,47 +382,32 @@ def two_phase_change(
             f"two_phase: the subsample leaves 1 of {G} groups outside, so its variance cannot be "
             "estimated; use all groups or at most G-2"
         )
-    a0, da, s = a0.to(dt), da.to(dt), score.to(dt)
-    b0 = torch.ones_like(a0) if b0 is None else b0.to(dt)
-    db = torch.zeros_like(a0) if db is None else db.to(dt)
-    logw, a = logw.to(dt), a.to(dt)
-    bs = torch.ones_like(a) if b is None else b.to(dt)
-    w = torch.exp(logw - logw.max())
-    wa, wb = torch.zeros(M, dtype=dt), torch.zeros(M, dtype=dt)
-    wa[sub], wb[sub] = w * a, w * bs
-    lin = torch.stack([da, db, a0 * s, b0 * s, a0, b0], 1)
-    T = torch.cat([lin, lin * ind[:, None], wa[:, None], wb[:, None]], 1)  # [M, 14]
-    Tg = torch.zeros(G, T.shape[1], dtype=dt).index_add_(0, groups, T)
-    with torch.enable_grad():  # ∇F for the delta method, also when called under no_grad
-        m = Tg.mean(0).requires_grad_()
-        est = _two_phase_F(m, float(step))
-        (grad,) = torch.autograd.grad(est, m)
-    est = est.detach()
-    if noise == "prompts":
-        psi = Tg @ grad
-        parts = [psi[in_g], psi[~in_g]]
-        v = [len(p) * p.var() / G**2 if len(p) > 1 else torch.zeros((), dtype=dt) for p in parts]
-        var = v[0] + v[1]
-        den = sum(vi**2 / (len(p) - 1) for vi, p in zip(v, parts, strict=True) if len(p) > 1)
-        df = float(var**2 / den) if den > 0 else k - 1
-    elif noise == "completions":
-        n = torch.bincount(groups, minlength=G).to(dt)
-        dev = (T - (Tg / n[:, None])[groups]) @ grad
-        var = ((n / (n - 1).clamp(min=1))[groups] * dev**2).sum() / G**2
-        df = M - G
-    else:
-        raise StepprobeError(f"noise={noise!r}; expected 'prompts' or 'completions'")
-    with torch.no_grad():
-        lin_e = float(step) * float(_pooled_slope(m[:6]))
-        q0 = float(m[4] / m[5])
+    ratio = b0 is not None
+    db = db if ratio else None
+    step = float(step)
+    lin = delta.linearise(a0, b0, groups, "pooled")
+    lin_e, psi = lin.slope(da, db, score)
+    g_sub = groups[sub]
+    lin_s, psi_l = delta.linearise(a0[sub], b0[sub] if ratio else None, g_sub, "pooled").slope(
+        da[sub], db[sub] if ratio else None, score[sub]
+    )
+    sn = delta.snis(logw, a, b, a0[sub], b0[sub] if ratio else None, g_sub, "pooled")
+    psi = step * psi
+    psi[sub] += sn["psi"] - step * psi_l
+    est = step * lin_e + sn["estimate"] - step * lin_s
+    var, df = delta.cluster_variance(
+        psi, groups, noise, strata=in_g if noise == "prompts" else None
+    )
+    w = sn["w"]
+    q0 = lin.value
     return {
         "df": df,
         "estimate": float(est),
         "se": float(var.sqrt()),
         "value": q0 + float(est),
         "base": q0,
-        "linear": lin_e,
-        "remainder": float(est) - lin_e,
+        "linear": step * float(lin_e),
+        "remainder": float(est) - step * float(lin_e),
         "subsample_groups": k,
         "ess": float(w.sum() ** 2 / (w**2).sum()),
         "max_weight_share": float(w.max() / w.sum()),
