@@ -520,3 +520,5 @@ def test_compare_and_removal_end_to_end(tmp_path):
     rem = removal_check(ckpt, U, E, k=1, level="sequence", eta=0.1)
     assert list(rem.selection) == ["most_negative", "random"]
     assert np.isfinite(rem[["predicted", "measured", "measured_linear"]].to_numpy()).all()
+    # removing a sequence with advantage 0 moves nothing: predicted 0 with SE 0
+    assert ((rem.predicted_se > 0) == (rem.predicted != 0)).all()  # values: test_calibration

@@ -241,12 +241,17 @@ def removal_check(
     """Predicted (-Σ δH) against measured change of ΔH when k sequences/tokens leave U.
 
     Rows: selection "most_negative" and ``n_random`` draws "random"; columns predicted,
-    measured (SNIS at η, minus the full batch's on the same E), measured_linear (first
-    order with the recomputed update: separates nonlinearity in η from the denominator
-    and clip recomputation), and the items removed. ``update`` (the run's rule replayed on
-    U) and ``influences`` (columns seq[, pos], influence at this η, in Batch.token_table
-    order for tokens) and ``full`` (that update's (SNIS, linear) ΔQ on E at this η) skip
-    recomputing what a caller already has.
+    predicted_se, measured (SNIS at η, minus the full batch's on the same E),
+    measured_linear (first order with the recomputed update: separates nonlinearity in η
+    from the denominator and clip recomputation), and the items removed. ``update`` (the
+    run's rule replayed on U) and ``influences`` (columns seq[, pos], influence at this η,
+    in Batch.token_table order for tokens) and ``full`` (that update's (SNIS, linear) ΔQ on
+    E at this η) skip recomputing what a caller already has.
+
+    predicted_se: the evaluation-sample SE of -Σ_{i∈S} δH_i, the first-order change along
+    Σ_{i∈S} v_i (its influence function, ``delta``), for the set S held fixed. The
+    "most_negative" set is chosen on the same E, so its predicted change is biased away
+    from 0 (winner's curse) beyond what this SE covers; the random control is not.
     """
     from ..influence import influence
 
@@ -284,6 +289,7 @@ def removal_check(
             spec = {"kind": "remove", "name": f"remove_{name}", "tokens": items}
         prep = prepare(spec, ckpt.model, base.batch, ckpt.settings)
         t = _measure(ckpt, prep.replay(ckpt), E, [quantity], eta, "both")
+        se = _first_order_se(ckpt, upd, E, quantity, eta, _removed(ckpt, upd, level, items))
         snis = float(t.loc[t["estimator"] == "snis", "estimate"].iloc[0])
         lin = float(t.loc[t["estimator"] == "linear", "estimate"].iloc[0])
         rows.append(
@@ -294,6 +300,7 @@ def removal_check(
                 "quantity": quantity,
                 "eta": eta,
                 "predicted": float(-values[idx].sum()),
+                "predicted_se": se,
                 "measured": snis - full_snis,
                 "measured_linear": lin - full_lin,
                 "full": full_snis,
@@ -301,3 +308,31 @@ def removal_check(
             }
         )
     return pd.DataFrame(rows)
+
+
+def _removed(ckpt, upd, level: str, items) -> dict:
+    """Σ v_i over the removed sequences, or Σ v_{i,t} = P ⊙ ∇Σ ℓ_{i,t} over the removed
+    tokens (one backward through the fixed-batch token losses), in module names."""
+    import torch
+
+    from ..measure import trainable
+
+    to_module = getattr(ckpt, "to_module", lambda d: dict(d))
+    if level == "sequence":
+        return to_module({k: p.sum(0) for k, p in upd.sequence_parts(items).items()})
+    P = to_module(upd.precond)
+    theta = {k: t.detach() for k, t in trainable(ckpt.model, list(P)).items()}
+    mask = torch.zeros(upd.token_mask.shape, dtype=torch.bool)
+    for i, t in items:
+        mask[i, t] = True
+    g = torch.func.grad(lambda p: upd.token_losses(p)[mask].sum())(theta)
+    return {k: P[k] * g[k].to(P[k].dtype) for k in P}
+
+
+def _first_order_se(ckpt, upd, E, quantity: str, eta: float, direction: dict) -> float:
+    """SE of the first-order change η·lr·∇Q·d on E (measure.linear_change's)."""
+    from ..measure import linear_change
+
+    t = linear_change(ckpt.model, E, [quantity], {"d": direction}, [eta],
+                      float(ckpt.settings.temperature), float(upd.lr))  # fmt: skip
+    return float(t["se"].iloc[0])
