@@ -341,3 +341,28 @@ def test_a_failing_trial_stops_the_study_and_keeps_the_finished_ones(tmp_path, r
     run_study(cfg, out, body=fake_trial, progress=False, report=False)
     run_study(cfg, tmp_path / "straight", body=fake_trial, progress=False, report=False)
     _assert_same(_tables(out), _tables(tmp_path / "straight"))
+
+
+def test_variance_table_flags_miscalibrated_standard_errors():
+    """spread_over_se = between-repeat SD / RMS within-repeat SE, judged from 10 repeats on."""
+    import numpy as np
+
+    from stepprobe.study.report import CALIBRATION_REPEATS, variance_table
+
+    x = np.linspace(-1.0, 1.0, CALIBRATION_REPEATS)
+    sd = float(x.std(ddof=1))
+    rows = []
+    for name, se, n in (("wide", 4 * sd, 10), ("ok", sd, 10), ("narrow", sd / 3, 10), ("few", 4 * sd, 9)):  # fmt: skip
+        for r in range(n):
+            rows.append({"checkpoint_index": 0, "checkpoint": "c", "step": 1, "quantity": name,
+                         "estimator": "linear", "direction": "full", "eta": 1.0,
+                         "estimate": x[r] if n == 10 else x[r + 1], "se": se})  # fmt: skip
+    t = variance_table(pd.DataFrame(rows), 1.0).set_index("quantity")
+    assert t.loc["wide", "spread_over_se"] == pytest.approx(0.25)
+    assert t.loc["ok", "spread_over_se"] == pytest.approx(1.0)
+    assert dict(t["calibration"]) == {
+        "wide": "SE too wide",
+        "ok": "ok",
+        "narrow": "update noise dominates or SE too narrow",
+        "few": "",
+    }

@@ -3,7 +3,8 @@
 Writes OUT/report/*.csv (one file per table below), OUT/plots/*.png and OUT/report.md:
 - changes_by_checkpoint: E[ΔQ] per step with t intervals across repeats (update-batch
   and evaluation noise both covered, since every repeat redraws U and E);
-- variance: between-repeat variance vs mean within-repeat se² (update vs evaluation part);
+- variance: between-repeat variance vs mean within-repeat se² (update vs evaluation part),
+  and their ratio as a calibration check of the SEs (``calibration_flag``);
 - allocation: repeats needed at several evaluation sizes for a target interval width;
 - linearity: `linearity.fit` of ΔQ(η) (slope, curvature, R², the nonlinearity flag) and linear-vs-true at η = 1;
 - regression_sequences / regression_tokens: influence on features, cluster-robust SEs;
@@ -135,6 +136,28 @@ def changes_by_checkpoint(changes: pd.DataFrame, level: float) -> pd.DataFrame:
     )
 
 
+# Calibration check: with R repeats of normal estimates whose SE is right, the between-repeat
+# SD s has s²/σ² ~ χ²(R-1)/(R-1); at R = 10, P(s/σ < 0.5) = 1.3% and P(s/σ > 2) < 1e-4.
+CALIBRATION_REPEATS = 10
+CALIBRATION_BAND = (0.5, 2.0)
+
+
+def calibration_flag(ratio: float, repeats: int) -> str:
+    """Between-repeat SD / RMS within-repeat SE, judged when there are enough repeats.
+
+    The spread of whole repeats also carries the update-batch noise, so a right SE gives a
+    ratio >= 1: below 0.5 the SEs are too wide; above 2 either the update batch dominates
+    (see update_share) or the SEs are too narrow.
+    """
+    if repeats < CALIBRATION_REPEATS or not np.isfinite(ratio):
+        return ""
+    if ratio < CALIBRATION_BAND[0]:
+        return "SE too wide"
+    if ratio > CALIBRATION_BAND[1]:
+        return "update noise dominates or SE too narrow"
+    return "ok"
+
+
 def variance_table(changes: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
     sel = changes[(changes["direction"] == "full") & np.isclose(changes["eta"], eta_ref)]
     rows = []
@@ -142,7 +165,13 @@ def variance_table(changes: pd.DataFrame, eta_ref: float) -> pd.DataFrame:
         ["checkpoint_index", "checkpoint", "step", "quantity", "estimator"], sort=True
     ):
         vc = stats.variance_components(g["estimate"], g["se"])
-        rows.append({"checkpoint": k[1], "step": k[2], "quantity": k[3], "estimator": k[4], **vc})
+        ratio = (
+            math.sqrt(vc["between_var"] / vc["within_var"])
+            if vc["within_var"] and vc["within_var"] > 0
+            else math.nan
+        )
+        rows.append({"checkpoint": k[1], "step": k[2], "quantity": k[3], "estimator": k[4], **vc,
+                     "spread_over_se": ratio, "calibration": calibration_flag(ratio, vc["repeats"])})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -557,6 +586,9 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
         md_table(r["log_check"]),
         "## Variance split (update-batch draws vs evaluation samples)\n",
         "between_var: variance of per-repeat estimates; eval_var: mean within-repeat se²; update_var = max(0, between - eval).\n",
+        f"spread_over_se = sqrt(between_var / eval_var), judged from {CALIBRATION_REPEATS} repeats on: it is >= 1 when the SEs are right "
+        f"(the spread also carries the update batch), so below {CALIBRATION_BAND[0]:g} the SEs are too wide; above {CALIBRATION_BAND[1]:g} "
+        "the update batch dominates or the SEs are too narrow.\n",
         md_table(r["variance"]),
         "## Allocation: repeats needed for the target interval width\n",
         "Full update, η = 1 (SNIS where measured); `optimal` marks the cost-optimal evaluation size from the measured per-trial times; all rows in report/allocation.csv.\n",
