@@ -152,3 +152,77 @@ def exact_case():
     v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in trainable(m).items()}
     return m, enum, v
 
+
+# A real TRL run small enough to enumerate: 5 tokens (<pad>, <s>, </s>, "a", "b"), prompts
+# of one length (no padding), completions of at most 3 tokens: 85 per prompt, 510 in all.
+TINY_VOCAB_PROMPTS = ["aab", "bab", "abb", "baa", "aba", "bba"]
+TINY_VOCAB_EOS, TINY_VOCAB_A, TINY_VOCAB_B = 2, 3, 4
+
+
+def tiny_vocab_tokenizer():
+    """Character tokenizer over {a, b} with <pad>=0, <s>=1 (prepended), </s>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pad, bos, eos = "<pad>", "<s>", "</s>"
+    vocab = {t: i for i, t in enumerate([pad, bos, eos, "a", "b"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, padding_side="left"
+    )
+
+
+def a_share(prompts, completions, **kwargs):
+    """TRL reward: the share of "a" among the completion's characters (0 when empty)."""
+    return [c.count("a") / len(c) if c else 0.0 for c in completions]
+
+
+def a_share_tokens(prompt_index, tokens):
+    """``a_share`` on token ids, as TRL decodes them (special tokens dropped)."""
+    chars = [t for t in tokens if t in (TINY_VOCAB_A, TINY_VOCAB_B)]
+    return sum(t == TINY_VOCAB_A for t in chars) / len(chars) if chars else 0.0
+
+
+def tiny_vocab_run(out, steps: int = 4, seed: int = 0):
+    """A real TRL GRPO run (full fine-tune of a 5-token Qwen2, hidden 16, one layer): a
+    checkpoint after every step and every training batch captured (capture.load_step)."""
+    from pathlib import Path
+
+    from stepprobe.capture import CapturingGRPOTrainer
+    from stepprobe.demo.model import build_model, save_base
+    from stepprobe.demo.train import run_grpo
+
+    out = Path(out)
+    tok = tiny_vocab_tokenizer()
+    model = build_model(tok, hidden_size=16, num_layers=1, seed=seed)
+    save_base(out / "base", model=model, tokenizer=tok)
+    return run_grpo(
+        out / "base",
+        out,
+        [{"prompt": p} for p in TINY_VOCAB_PROMPTS * 8],
+        reward_funcs=[a_share],
+        save_at=range(1, steps + 1),
+        trainer_cls=CapturingGRPOTrainer,
+        seed=seed,
+        max_steps=steps,
+        learning_rate=3e-2,
+        per_device_train_batch_size=8,  # 2 prompts x 4 generations
+        num_generations=4,
+        max_completion_length=3,
+        beta=0.0,
+        loss_type="dapo",
+    )
+
+
+def tiny_vocab_enumeration():
+    """Every (prompt, completion) of ``tiny_vocab_run``'s policy, rewards by ``a_share``."""
+    from stepprobe import exact
+
+    tok = tiny_vocab_tokenizer()
+    prompts = [tok(p)["input_ids"] for p in TINY_VOCAB_PROMPTS]
+    return exact.enumerate_batch(prompts, 5, 3, eos_id=TINY_VOCAB_EOS, reward=a_share_tokens)

@@ -77,16 +77,6 @@ class Linearisation:
     def n_groups(self) -> int:
         return int(self.groups.max()) + 1
 
-    def rows(self, index) -> Linearisation:
-        """The coefficients of a subset of E's sequences (for chunked passes; Q̂ stays E's)."""
-        return Linearisation(
-            *(getattr(self, f)[index] for f in ("alpha", "beta", "gamma", "kb", "ks", "kappa")),
-            self.phi[index],
-            self.groups[index],
-            self.value,
-            self.centred,
-        )
-
     def slope(self, da, db, s) -> tuple[torch.Tensor, torch.Tensor]:
         """(F, ψ) from per-sequence derivatives [M] or [M, D] along D directions (db None = 0)."""
         da, s = da.double(), s.double()

@@ -179,7 +179,7 @@ def score_gradient(
     return _surrogate_gradient(model, E, q, temperature, theta, s, dtype, chunk), s.value
 
 
-def if_gradients(model, E, q, temperature, theta, s: Surrogate, noise: str, dtype=None) -> dict:
+def psi_gradients(model, E, q, temperature, theta, s: Surrogate, noise: str, dtype=None) -> dict:
     """The gradients the influence function needs besides ∇term_j and ∇Q (``delta.combine``):
     ``k`` = ∇K (None when k ≡ 0) and ``sbar`` = ∇s̄_g per group [G, *shape] (group
     normalisation with noise="completions" only; its term sums to 0 within a group)."""
@@ -330,6 +330,9 @@ class Influence:
     """``table``: one row per update sequence (or token); ``matrix``: [M eval, N update] or None.
 
     ``baseline`` / ``full``: (influence, se) of the baseline b and of the whole v.
+    ``psi`` (sequence level with se): the influence function [M eval, N update] of every δQ_i
+    for the noise model it was computed with; the SE of a sum of influences over a set S is
+    ``delta.cluster_se(psi[:, S].sum(1), groups, noise)`` (not the matrix's: see docs/math.md).
     """
 
     table: pd.DataFrame
@@ -338,6 +341,7 @@ class Influence:
     full: tuple[float, float]
     value: float  # Q̂(θ)
     grad: dict | None = None
+    psi: torch.Tensor | None = None
 
 
 def influence(
@@ -380,9 +384,9 @@ def influence(
     whole = {k: torch.stack([vec[k], base[k]]) for k in vec}  # the full v and the baseline b
     full_b = scale * dot(grad, whole)
     ses = [float("nan")] * 2
-    extra_mat = None
+    extra_mat = psi_seq = None
     if se:
-        fn = if_gradients(model, E, q, temp, theta, s, noise, dtype)
+        fn = psi_gradients(model, E, q, temp, theta, s, noise, dtype)
 
         def functionals(dirs):
             """(k, s̄_g) along ``dirs`` ([n, *shape] dicts), times the step."""
@@ -400,7 +404,8 @@ def influence(
             extra_mat = mat if matrix else None
         if se:
             k, sb = functionals(parts)
-            sev = delta.cluster_se(lin.combine(mat, k, inf, sb), g, noise)
+            psi_seq = lin.combine(mat, k, inf, sb)
+            sev = delta.cluster_se(psi_seq, g, noise)
             k, sb = functionals(whole)
             psi = lin.combine(scale * gram(per, whole), k, full_b, sb)
             ses = [float(x) for x in delta.cluster_se(psi, g, noise)]
@@ -452,4 +457,5 @@ def influence(
         full=(float(full_b[0]), ses[0]),
         value=value,
         grad=grad,
+        psi=psi_seq,
     )

@@ -285,6 +285,7 @@ def linear_change(
 
     The jvp differentiates the SNIS estimate at η = 0 (same ``normalise``), so it is exactly
     the η-derivative of ``snis_change`` on the same samples. Runs under the math SDPA kernel.
+    SE: the cluster variance of its influence function (``delta.Linearisation.slope``).
     """
     qs = get_quantities(quantities)
     if theta is None:
