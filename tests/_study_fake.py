@@ -159,8 +159,11 @@ def fake_config(run: Path, **over) -> dict:
 if __name__ == "__main__":  # `python _study_fake.py CONFIG OUT`: the CLI with the fake body
     import sys
 
+    import stepprobe.study.preflight as preflight_mod
     import stepprobe.study.trial as trial_mod
     from stepprobe.cli import app
 
     trial_mod.run_trial = fake_trial
+    # the fake run has no real checkpoint files for the preflight to check
+    preflight_mod.preflight = lambda cfg: preflight_mod.Preflight(config=cfg)
     app(["run", sys.argv[1], "--out", sys.argv[2], "--no-progress"])
