@@ -158,7 +158,10 @@ def test_a_reward_that_is_not_a_number_is_an_error_naming_prompt_and_completion(
     msg = str(e.value)
     assert "returned" in msg and "'zwei'" in msg and "prompt 0 ('user: what is two')" in msg
     assert "1 of 2 rewards" in msg and "nan_rewards: drop" in msg and "zero" in msg
-    assert Task(["p"], lambda p, c, a: [1.0, bad], nan_rewards="zero").score([0, 0], "ab") == [1.0, 0.0]
+    assert Task(["p"], lambda p, c, a: [1.0, bad], nan_rewards="zero").score([0, 0], "ab") == [
+        1.0,
+        0.0,
+    ]
     r = Task(["p"], lambda p, c, a: [1.0, bad], nan_rewards="drop").score([0, 0], "ab")
     assert r[0] == 1.0 and math.isnan(r[1])  # the sampler redraws the group
     with pytest.raises(StepprobeError, match="nan_rewards='keep'; expected one of"):

@@ -43,17 +43,21 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, log_level: str = "INFO", **kwargs):
+        from rich.markup import escape
+
         from . import logs
 
         try:
             logs.setup(log_level)
             return fn(*args, **kwargs)
         except StepprobeError as e:
-            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            # soft_wrap: no line breaks inside paths (they stay copyable and greppable)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             sys.exit(2)
         except OSError as e:  # a path the user gave that the OS refused: name it, no traceback
             where = f"{e.filename}: " if e.filename else ""
-            console.print(f"[bold red]error:[/] {where}{e.strerror or e}")
+            msg = escape(f"{where}{e.strerror or e}")
+            console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
             sys.exit(2)
 
     sig = inspect.signature(fn)
@@ -108,11 +112,12 @@ def run_cmd(
     """Run (or resume) a study: checkpoints x repeats, then tables, statistics and plots."""
     from .study import get_executor, load_config, run_study
 
-    cfg = load_config(config)  # everything validated before any work
+    load_config(config)  # the config validated before anything else
     opts = {"process": {"workers": workers}}
     opts["ray"] = {"address": address, "max_retries": max_retries}
     ex = get_executor(executor, **opts.get(executor, {}))
-    report = run_study(cfg, out, executor=ex, force=force, progress=progress)
+    # the preflight runs inside, before anything is written to --out
+    report = run_study(config, out, executor=ex, force=force, progress=progress)
     console.print(f"report: {report}")
 
 

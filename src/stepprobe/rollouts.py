@@ -446,7 +446,7 @@ def sample(
             )
             raise StepprobeError(
                 f"{'zero-advantage filtering' if discarded else 'dropping groups'}: {why}, tried "
-                f"{tried} groups, discarded {discarded} with identical rewards{nan}; kept {len(kept)} "
+                f"{tried} groups and discarded {discarded} with identical rewards{nan}; kept {len(kept)} "
                 f"of the {n_groups} groups needed. Raise max_resample, use "
                 "filter_zero_advantage=False, fix the reward, or pick another checkpoint/task"
             )

@@ -119,24 +119,37 @@ class Task:
         """Whether each completion is correct, by the task's definition."""
         if not callable(self.correct):
             return [self.is_correct(r) for r in rewards]
+        return [
+            bool(x)
+            for x in self._call(self.correct, "verifier", indices, completions, completion_ids)
+        ]
+
+    def _call(self, fn, role: str, indices, completions, completion_ids, unit="values") -> list:
+        """A user function on these completions: its failures, a result that is not a list
+        and a wrong length are errors naming it."""
         prompts = [self.prompts[i] for i in indices]
         answers = None if self.answers is None else [self.answers[i] for i in indices]
-        name = _callable_name(self.correct)
+        name = _callable_name(fn)
         try:
-            out = list(
-                call_reward(
-                    self.correct, prompts, completions, answers, completion_ids, self.answer_key
-                )
-            )
-        except Exception as e:
+            out = call_reward(fn, prompts, completions, answers, completion_ids, self.answer_key)
+        except StepprobeError:
+            raise
+        except Exception as e:  # a user callable: any failure is reported as theirs
             raise StepprobeError(
-                f"task {self.name or '<unnamed>'}: verifier {name} (correct) raised {type(e).__name__}: {e}"
+                f"task {self.name or '<unnamed>'}: {role} {name} raised {type(e).__name__}: {e}"
+            ) from e
+        try:
+            out = list(out)
+        except TypeError as e:
+            raise StepprobeError(
+                f"{role} {name} returned {type(out).__name__}, expected a list with one value per completion"
             ) from e
         if len(out) != len(completions):
             raise StepprobeError(
-                f"verifier {name} (correct) returned {len(out)} values for {len(completions)} completions"
+                f"{role} {name} returned {len(out)} {unit} for {len(completions)} completions "
+                "(expected one per completion)"
             )
-        return [bool(x) for x in out]
+        return out
 
     def score(
         self,
@@ -151,30 +164,11 @@ class Task:
         ``nan_rewards``: an error naming the prompt and completion, NaN (for the sampler to
         drop the group) or 0.
         """
-        prompts = [self.prompts[i] for i in indices]
-        answers = None if self.answers is None else [self.answers[i] for i in indices]
         name = _callable_name(self.reward)
-        try:
-            out = call_reward(
-                self.reward, prompts, completions, answers, completion_ids, self.answer_key
-            )
-        except StepprobeError:
-            raise
-        except Exception as e:  # a user callable: any failure is reported as theirs
-            raise StepprobeError(
-                f"task {self.name or '<unnamed>'}: reward function {name} raised {type(e).__name__}: {e}"
-            ) from e
-        try:
-            out = list(out)
-        except TypeError as e:
-            raise StepprobeError(
-                f"reward function {name} returned {type(out).__name__}, expected a list of floats"
-            ) from e
-        if len(out) != len(completions):
-            raise StepprobeError(
-                f"reward function {name} returned {len(out)} rewards for {len(completions)} completions "
-                "(expected one per completion)"
-            )
+        out = self._call(
+            self.reward, "reward function", indices, completions, completion_ids, unit="rewards"
+        )
+        prompts = [self.prompts[i] for i in indices]
         try:
             values = [math.nan if r is None else float(r) for r in out]
         except (TypeError, ValueError) as e:

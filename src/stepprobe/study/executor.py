@@ -75,6 +75,7 @@ class ProcessExecutor:
                 _drain(q, on_stage)
                 for fut in done:
                     yield futures[fut], fut.result()
+        _drain(q, on_stage)  # workers have exited: everything they queued has arrived
 
 
 def _drain(q, on_stage) -> None:

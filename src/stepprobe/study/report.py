@@ -697,13 +697,18 @@ def _log_sentences(check: pd.DataFrame, pct: str) -> str:
             verdict = "intervals overlap" if overlap else "intervals do NOT overlap"
             ratio = r.predicted / r.observed_slope if r.observed_slope else math.nan
             lines.append(
-                f"- {r.checkpoint} (step {r.step}): predicted ΔH per step {pred}; log slope {obs} ({pct}); ratio {_fmt(ratio)}, {verdict}."
+                f"- {r.checkpoint} ({_step_lr(r)}): predicted ΔH per step {pred}; log slope {obs} ({pct}); ratio {_fmt(ratio)}, {verdict}."
             )
         else:
             lines.append(
-                f"- {r.checkpoint} (step {r.step}): predicted ΔH per step {pred}; too few log points around it for a slope."
+                f"- {r.checkpoint} ({_step_lr(r)}): predicted ΔH per step {pred}; too few log points around it for a slope."
             )
     return "\n".join(lines) + "\n"
+
+
+def _step_lr(r) -> str:
+    lr = getattr(r, "lr", None)
+    return f"step {r.step}" + (f", lr {_fmt(float(lr))}" if lr is not None and pd.notna(lr) else "")
 
 
 def _fmt(v) -> str:
