@@ -88,7 +88,10 @@ class Preflight:
     def raise_if_failed(self, source: str = "study config") -> None:
         if self.ok:
             return
-        lines = "\n  ".join(f"{c.subject}: {c.message}" for c in self.errors)
+        by_message: dict[str, list[str]] = {}  # the same error at every checkpoint: once
+        for c in self.errors:
+            by_message.setdefault(c.message, []).append(c.subject)
+        lines = "\n  ".join(f"{', '.join(subjects)}: {m}" for m, subjects in by_message.items())
         n = len(self.errors)
         raise StepprobeError(
             f"{source}: preflight failed ({n} error{'s' if n > 1 else ''}); nothing was run or "
