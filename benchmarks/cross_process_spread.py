@@ -81,7 +81,8 @@ def main() -> None:
     from stepprobe.tasks import Task
 
     root = Path(tempfile.mkdtemp())
-    ck = tiny_grpo_run(root / "run", steps=2, hidden_size=64, max_completion_length=16).checkpoints[-1]
+    run = tiny_grpo_run(root / "run", steps=2, hidden_size=64, max_completion_length=16)
+    ck = run.checkpoints[-1]
     task = Task([r["prompt"] for r in make_prompts(64, seed=5)], digit_reward)
     ckpt = load_checkpoint(ck)
     sample_batch(ckpt, task, 4, 4, seed=0, filter_zero_advantage=False).save(root / "U")
@@ -110,7 +111,9 @@ def main() -> None:
                 "max_in_eps32_of_max_abs": float(d.max() / (eps * np.abs(x[0]).max())),
                 "max_over_seq_se": float(d.max() / np.min(runs[0]["seq_se"])),
             }
-        same_text = all(r["sampled"]["completion_text"] == runs[0]["sampled"]["completion_text"] for r in runs)
+        same_text = all(
+            r["sampled"]["completion_text"] == runs[0]["sampled"]["completion_text"] for r in runs
+        )
         sampled = {}
         for c in ("logp_sum", "entropy_sum"):
             x = np.array([r["sampled"][c] for r in runs])
