@@ -23,10 +23,21 @@ from stepprobe.study.trial import TrialResult
 SIGMA_U, SE, CURV = 0.02, 0.01, -0.003
 BETA_CORRECT, BETA_ADV = 0.5, -2.0
 LOG_SLOPE = -0.001  # the fake training log's entropy slope per step
+LR = 1e-3
+ZERO_LR_STEPS: set[int] = set()  # checkpoints whose next step has lr = 0 (tests set it)
 
 
 def slope_for(step: int) -> float:
     return LOG_SLOPE * (1 + 0.5 * (step == 10))
+
+
+def staged_trial(trial: Trial) -> TrialResult:
+    """fake_trial announcing stages the way run_trial does (for progress tests)."""
+    from stepprobe.study import trial as trial_mod
+
+    for stage in ("load", "measure"):
+        trial_mod._stage(trial, stage)
+    return fake_trial(trial)
 
 
 def fake_trial(trial: Trial) -> TrialResult:
@@ -67,6 +78,8 @@ def fake_trial(trial: Trial) -> TrialResult:
                         }
                     )
     changes = pd.DataFrame(rows)
+    lr = 0.0 if step in ZERO_LR_STEPS else LR
+    changes["lr"] = lr
     correct = rng.integers(0, 2, n_u + n_e)
     adv = rng.normal(0, 1, n_u + n_e)
     seqs = pd.DataFrame(
@@ -106,7 +119,7 @@ def fake_trial(trial: Trial) -> TrialResult:
             "tokens": with_ids(toks),
             "changes": with_ids(changes),
         },
-        info={"step": step, "lr": 1e-3},
+        info={"step": step, "lr": lr},
         timings={
             "total": 0.01,
             "sample_update": 0.004,
@@ -159,8 +172,11 @@ def fake_config(run: Path, **over) -> dict:
 if __name__ == "__main__":  # `python _study_fake.py CONFIG OUT`: the CLI with the fake body
     import sys
 
+    import stepprobe.study.preflight as preflight_mod
     import stepprobe.study.trial as trial_mod
     from stepprobe.cli import app
 
     trial_mod.run_trial = fake_trial
+    # the fake run has no real checkpoint files for the preflight to check
+    preflight_mod.preflight = lambda cfg: preflight_mod.Preflight(config=cfg)
     app(["run", sys.argv[1], "--out", sys.argv[2], "--no-progress"])

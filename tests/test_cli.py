@@ -38,3 +38,41 @@ def test_missing_and_malformed_config(tmp_path):
     code, out, _ = _run("run", str(bad), "--out", str(tmp_path / "o"))
     assert code == 2 and "bad.yaml: not valid YAML" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_every_command_takes_log_level_and_a_bad_level_is_named():
+    import typer
+
+    cmd = typer.main.get_command(app)
+    leaves = []
+
+    def walk(c, path):
+        if hasattr(c, "commands"):  # a group (typer may vendor its own click)
+            for name, sub in c.commands.items():
+                walk(sub, [*path, name])
+        else:
+            leaves.append((path, c))
+
+    walk(cmd, [])
+    assert len(leaves) >= 10
+    for path, c in leaves:
+        assert "--log-level" in {o for p in c.params for o in p.opts}, path
+    code, out, r = _run("init-config", "--log-level", "chatty", "x.yaml")
+    assert code == 2 and "--log-level 'chatty': expected one of DEBUG, INFO, WARNING, ERROR" in out
+
+
+def test_help_imports_nothing_heavy():
+    """`stepprobe --help` answers at once: no torch, pandas, transformers, TRL or pydantic."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from stepprobe.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = {'torch', 'pandas', 'transformers', 'trl', 'numpy', 'pydantic'} & set(sys.modules)\n"
+        "print(sorted(heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -177,9 +177,10 @@ def test_simulated_updates_override_lora_tensors_only(monkeypatch):
         assert set(over) == set(theta)  # adapters only: every base weight comes from the module
     # ... and the module's base weights were neither copied nor moved
     assert base_ptrs == {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
-    # bf16 weights, float32 per-sequence values (log-probabilities and entropy parts)
-    assert vals.base["_logp"].dtype == vals.shifted[("full", 1.0)]["_logp"].dtype == torch.float32
-    assert vals.base["entropy"][0].dtype == torch.float32
+    # bf16 weights; per-sequence sums (log-probabilities, entropy parts) of float32 terms,
+    # accumulated in float64 (quantities.token_sum), never in the weights' bf16
+    assert vals.base["_logp"].dtype == vals.shifted[("full", 1.0)]["_logp"].dtype == torch.float64
+    assert vals.base["entropy"][0].dtype == torch.float64
 
 
 def test_chunk_size_from_free_cuda_memory_and_default_on_cpu(monkeypatch):

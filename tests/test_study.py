@@ -366,3 +366,89 @@ def test_variance_table_flags_miscalibrated_standard_errors():
         "narrow": "update noise dominates or SE too narrow",
         "few": "",
     }
+
+# ---------------------------------------------------------------------- issue 12
+def test_a_study_with_no_finished_trial_never_needs_force(tmp_path, run_dir):
+    out = tmp_path / "out"
+
+    def broken(trial):
+        raise StepprobeError("the reward module raised")
+
+    with pytest.raises(StepprobeError, match="reward module raised"):
+        run_study(parse_config(fake_config(run_dir)), out, body=broken, progress=False)
+    assert not out.exists()  # nothing finished: nothing left behind
+    (tmp_path / "mine").mkdir()  # an empty directory the user made stays, empty
+    with pytest.raises(StepprobeError):
+        run_study(
+            parse_config(fake_config(run_dir)), tmp_path / "mine", body=broken, progress=False
+        )
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+    # a study directory with no finished trial (e.g. an older stepprobe's) adopts a new config
+    Store.open(out, parse_config(fake_config(run_dir)))
+    run_study(parse_config(fake_config(run_dir, repeats=2)), out, body=fake_trial, progress=False,
+              report=False)  # fmt: skip
+    assert len(Store(out).finished()) == 4
+
+
+def test_stages_inside_trials_reach_the_progress_hook(tmp_path, run_dir):
+    from _study_fake import staged_trial
+    from stepprobe.study import InProcessExecutor
+
+    trials = plan(parse_config(fake_config(run_dir, repeats=1)))
+    for ex in (InProcessExecutor(), ProcessExecutor(2)):
+        seen: list = []
+        got = list(
+            ex.run(staged_trial, trials, on_stage=lambda t, s, seen=seen: seen.append((t, s)))
+        )
+        assert len(got) == 2
+        assert sorted(seen) == sorted((t.trial_id, s) for t in trials for s in ("load", "measure"))
+
+
+def test_zero_lr_checkpoints_are_flagged_and_left_out_of_pooled_fits(
+    tmp_path, run_dir, monkeypatch
+):
+    import _study_fake
+
+    monkeypatch.setattr(_study_fake, "ZERO_LR_STEPS", {20})
+    out = tmp_path / "out"
+    report = run_study(parse_config(fake_config(run_dir)), out, body=fake_trial, progress=False)
+    text = report.read_text()
+    assert "lr = 0 at checkpoint-20" in text and "left out of the pooled regressions" in text
+    by = pd.read_csv(out / "report" / "changes_by_checkpoint.csv")
+    assert dict(by.groupby("checkpoint").lr.first()) == {
+        "checkpoint-10": 1e-3,
+        "checkpoint-20": 0.0,
+    }
+    head = text.split("## Expected change")[1].split("##")[0]
+    assert "| checkpoint | step | lr | quantity |" in head
+    for name in ("variance", "linearity", "log_check"):
+        assert "lr" in pd.read_csv(out / "report" / f"{name}.csv"), name
+    n_one = 3 * 4 * 4  # one checkpoint's update sequences: repeats x prompts x per_prompt
+    reg = pd.read_csv(out / "report" / "regression_sequences.csv")
+    assert (reg.n == n_one).all()
+    # include_zero_lr keeps them; `stepprobe report` reads the setting from the study
+    run_study(parse_config(fake_config(run_dir, report={"include_zero_lr": True})), out,
+              body=fake_trial, progress=False)  # fmt: skip
+    assert (pd.read_csv(out / "report" / "regression_sequences.csv").n == 2 * n_one).all()
+
+
+def test_regression_coefficients_in_average_item_units_keep_raw_units_in_the_csv(tmp_path, run_dir):
+    cfg = parse_config(
+        fake_config(run_dir, checkpoints=[str(run_dir / "checkpoint-10")], repeats=4)
+    )
+    out = tmp_path / "out"
+    run_study(cfg, out, body=fake_trial, progress=False)
+    reg = pd.read_csv(out / "report" / "regression_sequences.csv").set_index("term")
+    units = pd.read_csv(out / "report" / "influence_units.csv")
+    seq = _tables(out)["sequences"]
+    upd = seq[seq.role == "update"]
+    per_trial = upd.groupby("repeat").influence_entropy.agg(["sum", "size"])
+    unit = float((per_trial["sum"] / per_trial["size"]).mean())
+    assert units.loc[
+        (units.response == "entropy") & (units.level == "sequence"), "per_item"
+    ].item() == pytest.approx(unit, rel=1e-12)
+    # one checkpoint: dividing y by one constant divides every coefficient and SE by it
+    for col in ("coef", "se", "ci_low", "ci_high"):
+        assert reg[f"{col}_rel"].to_numpy() == pytest.approx(reg[col].to_numpy() / unit, rel=1e-9)
+    assert reg.loc["correct", "p_rel"] == pytest.approx(reg.loc["correct", "p"], rel=1e-9)
+    assert "`correct` means: reward > 0 (the default)" in (out / "report.md").read_text()

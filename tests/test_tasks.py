@@ -143,14 +143,47 @@ def test_trl_style_rewards_are_adapted():
     assert t.score([1, 0], ["xy", "z"], [[5, 6], [7]]) == [2.0, 1.0]
     assert seen == {"answer": ["a1", "a0"], "completion_ids": [[5, 6], [7]]}
     assert Task(["p"], trl_named, answers=["yes"]).score([0, 0], ["yes", "no"]) == [1.0, 0.0]
-    # None (TRL: unscorable) becomes NaN; it is not correct
-    t2 = Task(["p"], lambda p, c, a: [None, 1.0])
-    r = t2.score([0, 0], ["a", "b"])
-    assert math.isnan(r[0]) and r[1] == 1.0 and not t2.is_correct(r[0]) and t2.is_correct(r[1])
     assert call_reward(lambda *args: [len(args)], ["p"], ["c"], ["a"]) == [3]
-    # correctness threshold is configurable
-    t3 = Task(["p"], lambda p, c, a: [0.5], correct=lambda r: r >= 1.0)
-    assert not t3.is_correct(0.5) and t3.is_correct(1.0)
+    # TRL passes dataset columns by name: the answers also go under the answer column's
+    t4 = Task(["p"], lambda completions, solution: [float(c == s) for c, s in
+              zip(completions, solution, strict=True)], answers=["x"], info={"answer_column": "solution"})  # fmt: skip
+    assert t4.score([0, 0], ["x", "y"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+def test_a_reward_that_is_not_a_number_is_an_error_naming_prompt_and_completion(bad):
+    t = Task([[{"role": "user", "content": "what is two"}]], lambda p, c, a: [1.0, bad], name="q")
+    with pytest.raises(StepprobeError) as e:
+        t.score([0, 0], ["two", "zwei"])
+    msg = str(e.value)
+    assert "returned" in msg and "'zwei'" in msg and "prompt 0 ('user: what is two')" in msg
+    assert "1 of 2 rewards" in msg and "nan_rewards: drop" in msg and "zero" in msg
+    assert Task(["p"], lambda p, c, a: [1.0, bad], nan_rewards="zero").score([0, 0], "ab") == [
+        1.0,
+        0.0,
+    ]
+    r = Task(["p"], lambda p, c, a: [1.0, bad], nan_rewards="drop").score([0, 0], "ab")
+    assert r[0] == 1.0 and math.isnan(r[1])  # the sampler redraws the group
+    with pytest.raises(StepprobeError, match="nan_rewards='keep'; expected one of"):
+        Task(["p"], lambda p, c, a: [1.0], nan_rewards="keep")
+
+
+def test_correct_is_a_task_setting_stated_in_words():
+    t = Task(["p"], lambda p, c, a: [0.5])
+    assert not t.is_correct(0.0) and t.is_correct(0.5) and not t.is_correct(math.nan)
+    assert t.correct_definition.startswith("reward > 0")
+    t = Task(["p"], lambda p, c, a: [0.5], correct=1.0)
+    assert not t.is_correct(0.5) and t.is_correct(1.0) and t.correct_definition == "reward >= 1"
+    assert t.correctness([0, 0], ["a", "b"], [0.5, 1.0]) == [False, True]
+
+    def verifier(completions, answer, **kw):
+        return [c.strip() == a for c, a in zip(completions, answer, strict=True)]
+
+    t = Task(["p"], lambda p, c, a: [0.0, 0.0], answers=["42"], correct=verifier)
+    assert t.correctness([0, 0], ["42 ", "41"], [0.0, 0.0]) == [True, False]
+    assert "verifier" in t.correct_definition and "verifier" in t.correct_definition
+    with pytest.raises(StepprobeError, match="expected a reward threshold"):
+        Task(["p"], lambda p, c, a: [0.0], correct="high")
 
 
 def test_demo_run_directory_gives_its_task(tmp_path):

@@ -136,3 +136,17 @@ def test_float32_replay_of_trl_step(run):
     upd = sp.replay_update(ckpt, load_step(out / "stepprobe-batches", 2))
     a, b = _weights(out / "checkpoint-1", lora), _weights(out / "checkpoint-2", lora)
     assert _rel(upd, a, b, upd.vector) <= 1e-5
+
+
+def test_the_default_update_batch_is_what_trl_fed_one_optimizer_step(run):
+    """study/preflight.run_step (the update batch a study defaults to) against ground truth:
+    the micro-batches TRL's compute_loss actually saw for one optimizer step."""
+    from stepprobe.checkpoint import read_training_args
+    from stepprobe.study.preflight import run_step
+
+    out, lora, ga, mgn = run
+    s = run_step(read_training_args(out / "checkpoint-1" / "training_args.bin"))
+    mbs = load_step(out / "stepprobe-batches", 2)
+    assert len(mbs) == ga == s["gradient_accumulation_steps"]
+    assert sum(len(b) for b in mbs) == s["completions"] == 4 * ga
+    assert s["num_generations"] == 4 and s["completions"] % s["num_generations"] == 0

@@ -148,7 +148,7 @@ def test_user_weight_function_by_dotted_path():
         ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
         ("math:no_such_fn", "has no attribute 'no_such_fn'"),
         ("math:pi", "not callable"),
-        ("justaname", "expected 'module:function'"),
+        ("justaname", "expected a dotted path 'module:function'"),
     ],
 )
 def test_bad_weight_function_spec(spec, match):

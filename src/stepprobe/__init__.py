@@ -1,6 +1,6 @@
 """stepprobe: controlled experiments on single training steps of RL fine-tuning.
 
-Public API (imported lazily, except ``measure``/``influence``: see below)::
+Public API (imported lazily on first use)::
 
     ckpt = load_checkpoint(path); task = get_task("arithmetic")
     U = sample_batch(ckpt, task, prompts=8, per_prompt=8, seed=0)
@@ -8,6 +8,8 @@ Public API (imported lazily, except ``measure``/``influence``: see below)::
     m = measure(ckpt, upd, E, quantity="entropy", etas=[...]); inf = influence(ckpt, upd, E, ...)
 """
 
+import sys
+import types
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -29,16 +31,9 @@ _EXPORTS = {
 }
 
 _MODULE_EXPORTS = {"exact"}
-
-# `measure` and `influence` are functions named like their modules. The first import of a
-# submodule binds the package attribute to the module (and only the first: a later
-# `import stepprobe.measure` finds it in sys.modules and binds nothing). Importing them here
-# and rebinding the names to the functions means `stepprobe.measure` is always the function
-# while `from stepprobe.measure import snis_change` still works. Cost: `import stepprobe`
-# imports torch and pandas (~2-3 s). A LazyLoader keeps the import cheap but breaks under
-# torch's import-time `inspect` walk over sys.modules, so it is not used.
-from .influence import influence  # noqa: E402, F401
-from .measure import measure  # noqa: E402, F401
+# Functions named like their own modules: `stepprobe.measure` is the function, while
+# `from stepprobe.measure import snis_change` still finds the module in sys.modules.
+_SHADOWED = {"measure", "influence"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -47,5 +42,22 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         module = import_module(f".{_EXPORTS[name]}", __name__)
         # `exact` is a module of functions; the others are attributes of their module.
-        return module if name in _MODULE_EXPORTS else getattr(module, name)
+        value = module if name in _MODULE_EXPORTS else getattr(module, name)
+        if name in _SHADOWED:
+            types.ModuleType.__setattr__(sys.modules[__name__], name, value)
+        return value
     raise AttributeError(f"module 'stepprobe' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``stepprobe.measure`` binds the package attribute ``measure``
+    to the module; this keeps the name for the function instead. Nothing heavy (torch,
+    pandas) is imported with the package, so `stepprobe --help` answers at once."""
+
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

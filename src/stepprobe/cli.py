@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import typer
-from rich.console import Console
 
 from .errors import StepprobeError
+from .logs import console as _console
 
 app = typer.Typer(
     help="Controlled experiments on single RL fine-tuning steps.", no_args_is_help=True
 )
 demo_app = typer.Typer(help="The built-in demo: a tiny GRPO run on CPU.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
-console = Console(stderr=True)
+console = _console()
 
 
 @app.callback()
@@ -31,21 +32,39 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+_LOG_LEVEL = typer.Option(
+    "INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR (stepprobe's log on stderr)."
+)
+
+
 def friendly(fn):
-    """Bad input exits non-zero with the message, not a traceback."""
+    """Bad input exits non-zero with the message, not a traceback; every command also takes
+    --log-level (standard logging, stepprobe.logs.setup)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, log_level: str = "INFO", **kwargs):
+        from rich.markup import escape
+
+        from . import logs
+
         try:
+            logs.setup(log_level)
             return fn(*args, **kwargs)
         except StepprobeError as e:
-            console.print(f"[bold red]error:[/] {e}")
+            # soft_wrap: no line breaks inside paths (they stay copyable and greppable)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             sys.exit(2)
         except OSError as e:  # a path the user gave that the OS refused: name it, no traceback
             where = f"{e.filename}: " if e.filename else ""
-            console.print(f"[bold red]error:[/] {where}{e.strerror or e}")
+            msg = escape(f"{where}{e.strerror or e}")
+            console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
             sys.exit(2)
 
+    sig = inspect.signature(fn)
+    extra = inspect.Parameter(
+        "log_level", inspect.Parameter.KEYWORD_ONLY, default=_LOG_LEVEL, annotation=str
+    )
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
     return wrapper
 
 
@@ -93,12 +112,29 @@ def run_cmd(
     """Run (or resume) a study: checkpoints x repeats, then tables, statistics and plots."""
     from .study import get_executor, load_config, run_study
 
-    cfg = load_config(config)  # everything validated before any work
+    load_config(config)  # the config validated before anything else
     opts = {"process": {"workers": workers}}
     opts["ray"] = {"address": address, "max_retries": max_retries}
     ex = get_executor(executor, **opts.get(executor, {}))
-    report = run_study(cfg, out, executor=ex, force=force, progress=progress)
+    # the preflight runs inside, before anything is written to --out
+    report = run_study(config, out, executor=ex, force=force, progress=progress)
     console.print(f"report: {report}")
+
+
+@app.command("check")
+@friendly
+def check_cmd(
+    config: str = typer.Argument(..., help="Study config (YAML); see `stepprobe init-config`."),
+):
+    """Run the preflight alone: every check `stepprobe run` makes before any work (no model
+    weights are loaded), and the defaults it fills in from the run. Exit 2 on an error."""
+    from .study import load_config
+    from .study.preflight import format_checks, preflight
+
+    pf = preflight(load_config(config))
+    typer.echo(format_checks(pf))
+    if not pf.ok:
+        sys.exit(2)
 
 
 @app.command("report")

@@ -6,6 +6,12 @@ Expectations run over prompts, then over completions sampled at the run's temper
 Estimators (measure.py, influence.py, exact.py) only ever see these per-sequence values,
 so a user adds a quantity by subclassing :class:`Quantity` or wrapping a function in
 :class:`CustomQuantity`.
+
+Sums over a sequence's tokens (entropy, log-probability) are accumulated in float64 from
+float32 terms: a float32 sum of C terms rounds to ~sqrt(C) ulps of the total, and CPU
+kernels split such reductions differently from process to process, so the per-sequence
+values (and the small ΔQ differences built from them) would move by that much between
+runs. In float64 only the terms' own float32 rounding remains (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ class Quantity:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def token_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t x_t over each sequence's completion tokens [N], accumulated in float64 at least
+    (differentiable: gradients flow back in x's dtype)."""
+    acc = torch.promote_types(x.dtype, torch.float64)
+    return (x.to(acc) * mask.to(acc)).sum(1)
+
+
 class TokenMeanEntropy(Quantity):
     """H_tok = E[Σ_t h_t] / E[T]: the token-mean entropy RL frameworks log (a ratio)."""
 
@@ -45,8 +58,8 @@ class TokenMeanEntropy(Quantity):
     needs_entropy = True
 
     def parts(self, scores, batch):
-        mask = batch.completion_mask.to(scores.entropy.dtype)
-        return (scores.entropy * mask).sum(1), mask.sum(1)
+        mask = batch.completion_mask
+        return token_sum(scores.entropy, mask), mask.to(torch.float64).sum(1)
 
 
 class SequenceMeanEntropy(Quantity):
@@ -56,8 +69,8 @@ class SequenceMeanEntropy(Quantity):
     needs_entropy = True
 
     def parts(self, scores, batch):
-        mask = batch.completion_mask.to(scores.entropy.dtype)
-        return (scores.entropy * mask).sum(1) / mask.sum(1).clamp(min=1), None
+        mask = batch.completion_mask
+        return token_sum(scores.entropy, mask) / mask.to(torch.float64).sum(1).clamp(min=1), None
 
 
 class SequenceEntropy(Quantity):
@@ -67,8 +80,7 @@ class SequenceEntropy(Quantity):
     needs_entropy = True
 
     def parts(self, scores, batch):
-        mask = batch.completion_mask.to(scores.entropy.dtype)
-        return (scores.entropy * mask).sum(1), None
+        return token_sum(scores.entropy, batch.completion_mask), None
 
 
 class Reward(Quantity):
@@ -82,7 +94,7 @@ class Reward(Quantity):
                 "quantity 'reward': the evaluation batch has no 'rewards'; sample it with a task "
                 "(sample_batch) or set Batch.rewards"
             )
-        return batch.rewards.to(scores.logps.dtype), None
+        return batch.rewards.to(torch.promote_types(scores.logps.dtype, torch.float64)), None
 
 
 class CustomQuantity(Quantity):
@@ -151,5 +163,5 @@ def get_quantities(qs) -> list[Quantity]:
 def sequence_parts(quantities: list[Quantity], scores: Scores, batch: Batch) -> dict[str, tuple]:
     """{name: (a, b)} plus the sequence log-probability under key ``'_logp'``."""
     out = {q.name: q.parts(scores, batch) for q in quantities}
-    out["_logp"] = scores.logps.sum(1)
+    out["_logp"] = token_sum(scores.logps, torch.ones_like(scores.logps))  # 0 on padding already
     return out

@@ -28,7 +28,7 @@ import torch
 from .batch import Batch
 from .errors import StepprobeError
 from .forward import score
-from .tasks import Task, get_task
+from .tasks import Task, get_task, prompt_text
 
 SCALE_REWARDS = ("group", "batch", "none")
 ADV_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
@@ -365,7 +365,7 @@ def sample(
         return [tokenized[i] for i in indices]
 
     kept: list[dict] = []  # one entry per accepted group
-    tried = discarded = rounds = 0
+    tried = discarded = dropped_nan = rounds = 0
     while True:
         rows = [i for i in todo for _ in range(per_prompt)]
         p_ids, p_mask = _left_pad(tok(rows), pad_id)
@@ -398,11 +398,17 @@ def sample(
         comp_id_lists = [
             c[m.bool()].tolist() for c, m in zip(s.completion_ids, s.completion_mask, strict=True)
         ]
-        rewards = torch.tensor(task.score(rows, completions, comp_id_lists), dtype=torch.float32)
+        scores = task.score(rows, completions, comp_id_lists)
+        correct = task.correctness(rows, completions, scores, comp_id_lists)
+        rewards = torch.tensor(scores, dtype=torch.float32)
         failed = []
         for g, idx in enumerate(todo):
             sl = slice(g * per_prompt, (g + 1) * per_prompt)
             tried += 1
+            if bool(torch.isnan(rewards[sl]).any()):  # task.nan_rewards == "drop"
+                dropped_nan += 1
+                failed.append(idx)
+                continue
             if filter_zero_advantage and _identical_rewards(rewards[sl]):
                 discarded += 1
                 failed.append(idx)
@@ -421,6 +427,7 @@ def sample(
                     truncated=s.truncated[sl],
                     rewards=rewards[sl],
                     texts=texts[sl],
+                    correct=correct[sl],
                 )
             )
         need = n_groups - len(kept)
@@ -432,10 +439,16 @@ def sample(
                 if rounds >= max_resample
                 else "with the task's prompts exhausted"
             )
+            nan = (
+                f" and dropped {dropped_nan} with a reward that is not a number (nan_rewards: drop)"
+                if dropped_nan
+                else ""
+            )
             raise StepprobeError(
-                f"zero-advantage filtering: {why}, tried {tried} groups and discarded {discarded} with identical "
-                f"rewards; kept {len(kept)} of the {n_groups} groups needed. Raise max_resample, use "
-                "filter_zero_advantage=False, or pick another checkpoint/task"
+                f"{'zero-advantage filtering' if discarded else 'dropping groups'}: {why}, tried "
+                f"{tried} groups and discarded {discarded} with identical rewards{nan}; kept {len(kept)} "
+                f"of the {n_groups} groups needed. Raise max_resample, use "
+                "filter_zero_advantage=False, fix the reward, or pick another checkpoint/task"
             )
         rounds += 1
         todo = failed if explicit else pool[:need]
@@ -466,6 +479,7 @@ def sample(
             "filter_zero_advantage": filter_zero_advantage,
             "groups_tried": tried,
             "groups_discarded": discarded,
+            "groups_dropped_nan": dropped_nan,
             "resample_rounds": rounds,
         },
     )
@@ -543,11 +557,11 @@ def _assemble(
     prompt_index = [g["prompt_index"] for g in kept for _ in range(per_prompt)]
     meta = {
         "prompt_index": prompt_index,
-        "prompt_text": [_prompt_text(task.prompts[i]) for i in prompt_index],
+        "prompt_text": [prompt_text(task.prompts[i]) for i in prompt_index],
         "completion_text": [t for g in kept for t in g["texts"]],
         "reward": rewards.tolist(),
         "advantage": advantages.tolist(),
-        "correct": [task.is_correct(r) for r in rewards.tolist()],
+        "correct": [c for g in kept for c in g["correct"]],
         "length": lengths.tolist(),
         "truncated": truncated.tolist(),
         "round": [g["round"] for g in kept for _ in range(per_prompt)],
@@ -570,12 +584,6 @@ def _assemble(
         meta=meta,
         info=info,
     )
-
-
-def _prompt_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
 
 
 def sample_batch(

@@ -3,8 +3,13 @@
 A reward is ``reward(prompts, completions, answers) -> list[float]``. TRL-style reward
 functions ``f(prompts, completions, **kwargs)`` are adapted: they get ``prompts``,
 ``completions``, ``completion_ids`` and the reference answers as ``answer`` (the column
-name TRL would pass through), restricted to the keywords they accept. ``None`` rewards
-become NaN (TRL: unscorable, advantage 0).
+name TRL would pass through), restricted to the keywords they accept. A reward that is
+not a number (NaN, None, inf) is an error naming the prompt and the completion, unless the
+task says what to do with it (``nan_rewards="drop"``: the prompt's group is redrawn;
+``"zero"``: scored 0).
+
+What counts as *correct* is a task setting too (``correct=``): reward > 0 by default, a
+threshold (reward >= t), or a verifier function called like the reward function.
 
 Built in: ``"arithmetic"`` (the demo's 2-digit addition), a dataset task from a JSONL or
 Parquet file (``get_task(path, prompt_column=..., answer_column=..., reward="mod:fn")``),
@@ -13,7 +18,6 @@ and :func:`math_reward` (math-verify) as the dataset default.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -24,20 +28,28 @@ from typing import Any
 from .errors import StepprobeError
 
 RewardFn = Callable[..., Sequence[float | None]]
+NAN_REWARDS = ("error", "drop", "zero")
+# Options every task takes, whatever builds it (the study config's task_options).
+TASK_SETTINGS = ("correct", "nan_rewards")
 
 
 @dataclass
 class Task:
     """Prompts (strings, or chat messages: lists of {"role", "content"}) and a reward.
 
-    ``correct`` maps a reward to correctness (default: reward > 0, right for 0/1 verifiers).
+    ``correct``: what counts as a correct completion. None: reward > 0 (right for 0/1
+    verifiers); a number t: reward >= t; a callable: a verifier called like the reward
+    function, returning one truthy value per completion. ``nan_rewards``: what a reward that
+    is not a number means: "error" (default), "drop" (the sampler redraws the prompt's
+    group) or "zero".
     """
 
     prompts: list
     reward: RewardFn
     answers: list | None = None
     name: str | None = None
-    correct: Callable[[float], bool] | None = None
+    correct: float | Callable | None = None
+    nan_rewards: str = "error"
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +66,16 @@ class Task:
             raise StepprobeError(
                 f"task {self.name or '<unnamed>'}: reward must be callable, got {type(self.reward).__name__}"
             )
+        if self.nan_rewards not in NAN_REWARDS:
+            raise StepprobeError(
+                f"task {self.name or '<unnamed>'}: nan_rewards={self.nan_rewards!r}; expected one of {list(NAN_REWARDS)}"
+            )
+        c = self.correct
+        if not (c is None or callable(c) or _is_number(c)):
+            raise StepprobeError(
+                f"task {self.name or '<unnamed>'}: correct={c!r}; expected a reward threshold "
+                "(a number) or a verifier function"
+            )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -63,10 +85,71 @@ class Task:
         """TRL applies the chat template exactly when prompts are message lists."""
         return isinstance(self.prompts[0], list)
 
+    @property
+    def correct_definition(self) -> str:
+        """The definition of `correct`, in words (reports state it)."""
+        if self.correct is None:
+            return "reward > 0 (the default; set the task's `correct` to change it)"
+        if callable(self.correct):
+            return f"the verifier {_callable_name(self.correct)} says so"
+        return f"reward >= {float(self.correct):g}"
+
+    @property
+    def answer_key(self) -> str:
+        """The keyword TRL would pass the answers under: the dataset's answer column."""
+        return self.info.get("answer_column") or "answer"
+
     def is_correct(self, reward: float) -> bool:
-        if math.isnan(reward):
+        """Correctness from the reward alone (None or a threshold; a verifier needs the text)."""
+        if callable(self.correct):
+            raise StepprobeError(
+                f"task {self.name or '<unnamed>'}: correctness comes from a verifier; use Task.correctness"
+            )
+        if not math.isfinite(reward):
             return False
-        return bool(self.correct(reward)) if self.correct is not None else reward > 0
+        return reward > 0 if self.correct is None else reward >= float(self.correct)
+
+    def correctness(
+        self,
+        indices: Sequence[int],
+        completions: list,
+        rewards: Sequence[float],
+        completion_ids: list[list[int]] | None = None,
+    ) -> list[bool]:
+        """Whether each completion is correct, by the task's definition."""
+        if not callable(self.correct):
+            return [self.is_correct(r) for r in rewards]
+        return [
+            bool(x)
+            for x in self._call(self.correct, "verifier", indices, completions, completion_ids)
+        ]
+
+    def _call(self, fn, role: str, indices, completions, completion_ids, unit="values") -> list:
+        """A user function on these completions: its failures, a result that is not a list
+        and a wrong length are errors naming it."""
+        prompts = [self.prompts[i] for i in indices]
+        answers = None if self.answers is None else [self.answers[i] for i in indices]
+        name = _callable_name(fn)
+        try:
+            out = call_reward(fn, prompts, completions, answers, completion_ids, self.answer_key)
+        except StepprobeError:
+            raise
+        except Exception as e:  # a user callable: any failure is reported as theirs
+            raise StepprobeError(
+                f"task {self.name or '<unnamed>'}: {role} {name} raised {type(e).__name__}: {e}"
+            ) from e
+        try:
+            out = list(out)
+        except TypeError as e:
+            raise StepprobeError(
+                f"{role} {name} returned {type(out).__name__}, expected a list with one value per completion"
+            ) from e
+        if len(out) != len(completions):
+            raise StepprobeError(
+                f"{role} {name} returned {len(out)} {unit} for {len(completions)} completions "
+                "(expected one per completion)"
+            )
+        return out
 
     def score(
         self,
@@ -77,59 +160,119 @@ class Task:
         """Rewards for ``completions`` of the prompts at ``indices`` (one per completion).
 
         Errors from the reward callable are wrapped naming it; a wrong-length or
-        non-numeric result is an error too.
+        non-numeric result is an error too. A reward that is not a finite number follows
+        ``nan_rewards``: an error naming the prompt and completion, NaN (for the sampler to
+        drop the group) or 0.
         """
-        prompts = [self.prompts[i] for i in indices]
-        answers = None if self.answers is None else [self.answers[i] for i in indices]
         name = _callable_name(self.reward)
+        out = self._call(
+            self.reward, "reward function", indices, completions, completion_ids, unit="rewards"
+        )
+        prompts = [self.prompts[i] for i in indices]
         try:
-            out = call_reward(self.reward, prompts, completions, answers, completion_ids)
-        except StepprobeError:
-            raise
-        except Exception as e:  # a user callable: any failure is reported as theirs
-            raise StepprobeError(
-                f"task {self.name or '<unnamed>'}: reward function {name} raised {type(e).__name__}: {e}"
-            ) from e
-        try:
-            out = list(out)
-        except TypeError as e:
-            raise StepprobeError(
-                f"reward function {name} returned {type(out).__name__}, expected a list of floats"
-            ) from e
-        if len(out) != len(completions):
-            raise StepprobeError(
-                f"reward function {name} returned {len(out)} rewards for {len(completions)} completions "
-                "(expected one per completion)"
-            )
-        try:
-            return [math.nan if r is None else float(r) for r in out]
+            values = [math.nan if r is None else float(r) for r in out]
         except (TypeError, ValueError) as e:
             raise StepprobeError(
                 f"reward function {name} returned a non-numeric reward ({e})"
             ) from e
+        bad = [j for j, v in enumerate(values) if not math.isfinite(v)]
+        if not bad:
+            return values
+        if self.nan_rewards == "zero":
+            return [v if math.isfinite(v) else 0.0 for v in values]
+        if self.nan_rewards == "drop":
+            return [v if math.isfinite(v) else math.nan for v in values]
+        kinds: dict[str, int] = {}
+        for j in bad:
+            k = "None" if out[j] is None else repr(values[j])
+            kinds[k] = kinds.get(k, 0) + 1
+        j = bad[0]
+        raise StepprobeError(
+            f"task {self.name or '<unnamed>'}: reward function {name} returned "
+            f"{'None' if out[j] is None else values[j]} for the completion {_text(completions[j])!r} "
+            f"of prompt {indices[j]} ({prompt_text(prompts[j])!r}); {len(bad)} of {len(values)} "
+            f"rewards in this call were not numbers ({', '.join(f'{k}: {n}' for k, n in kinds.items())}). "
+            "Fix the reward function, or say what such a reward means: task setting "
+            "nan_rewards: drop (redraw the prompt's group) or zero (score it 0)"
+        )
 
 
-def call_reward(fn: RewardFn, prompts, completions, answers, completion_ids=None):
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as one string (chat messages as `role: content` lines)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
+
+
+def _is_native(params) -> bool:
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _trl_keywords(answer_key: str | None) -> set[str]:
+    keys = {"prompts", "completions", "completion_ids"}
+    return keys | ({"answer", answer_key} if answer_key else set())
+
+
+def call_reward(
+    fn: RewardFn, prompts, completions, answers, completion_ids=None, answer_key: str = "answer"
+):
     """Call a native ``reward(prompts, completions, answers)`` or a TRL-style reward function.
 
     Native when the callable takes a third positional argument (the demo's TRL function
     ``reward(prompts, completions, answer=None, **kw)`` qualifies: same meaning); otherwise
-    TRL's keyword call with the keywords it accepts.
+    TRL's keyword call with the keywords it accepts. TRL passes dataset columns by their own
+    names: the reference answers go as ``answer=`` and under their column's name.
     """
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins, some C callables: assume native
         return fn(prompts, completions, answers)
     params = list(sig.parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params):
+    if _is_native(params):
         return fn(prompts, completions, answers)
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids}
     if answers is not None:
         kwargs["answer"] = answers
+        kwargs[answer_key] = answers
     if not any(p.kind == p.VAR_KEYWORD for p in params):
         kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
     return fn(**kwargs)
+
+
+def reward_call_problem(fn: RewardFn, answer_key: str | None) -> str | None:
+    """Why :func:`call_reward` could not call ``fn`` (a required parameter it would not
+    get), or None. ``answer_key``: the answer column's name (None: the task has no answers)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    name = _callable_name(fn)
+    if _is_native(params):
+        extra = [p.name for p in params[3:] if p.default is p.empty
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
+        if extra:
+            return f"reward function {name} requires {extra} beyond (prompts, completions, answers)"
+        return None
+    given = _trl_keywords(answer_key)
+    required = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    missing = [r for r in required if r not in given]
+    if missing:
+        return (
+            f"reward function {name} requires {missing}, but it is called TRL-style with "
+            f"{', '.join(sorted(given))}"
+            + ("" if answer_key else " (the task has no answer column)")
+        )
+    return None
 
 
 def _callable_name(fn) -> str:
@@ -156,22 +299,12 @@ def math_reward(prompts, completions, answers) -> list[float]:
     return out
 
 
-def load_callable(spec: str) -> Callable:
-    """``"package.module:function"`` (or ``module:Class.method``) -> the callable."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise StepprobeError(f"reward {spec!r}: expected a dotted path 'module:function'")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        obj = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise StepprobeError(f"reward {spec!r}: cannot import module '{mod_name}' ({e})") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise StepprobeError(f"reward {spec!r}: '{mod_name}' has no attribute '{attr}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise StepprobeError(f"reward {spec!r}: '{attr}' is not callable")
-    return obj
+def load_callable(spec: str, base: Path | None = None) -> Callable:
+    """``"package.module:function"``, ``module:Class.method`` or ``"path/file.py:function"``
+    (relative to ``base``) -> the callable."""
+    from .userfn import load_callable as load
+
+    return load(spec, what="reward", base=base)
 
 
 # ---------------------------------------------------------------------- built-in tasks
@@ -284,22 +417,61 @@ def run_task(run_or_checkpoint: str | Path) -> Task:
     return task
 
 
-def get_task(name_or_path: str | Path | Task, **kw) -> Task:
-    """A built-in task by name, a dataset task from a .jsonl/.json/.parquet path, or a demo
-    run (or checkpoint) directory: the task it trained on.
-
-    Keyword arguments go to the task's builder (``arithmetic_task`` or ``dataset_task``).
-    """
-    if isinstance(name_or_path, Task):
-        return name_or_path
+def task_builder(name_or_path: str | Path) -> tuple[Callable[..., Task], str]:
+    """The function that builds this task, and what kind of task it is (for messages)."""
     key = str(name_or_path)
     if key in TASKS:
-        return TASKS[key](**kw)
+        return TASKS[key], f"the built-in task '{key}'"
     if Path(key).is_dir():
-        return run_task(key)
+        return run_task, "a demo run's task"
     if Path(key).suffix.lower() in (".jsonl", ".json", ".parquet", ".pq") or Path(key).exists():
-        return dataset_task(key, **kw)
+        return dataset_task, "a dataset task"
     raise StepprobeError(
         f"unknown task {key!r}: known tasks are {sorted(TASKS)}, or give a .jsonl/.parquet dataset path "
         "or a demo run directory"
     )
+
+
+def task_options(name_or_path: str | Path) -> list[str]:
+    """The options a task takes: its builder's parameters plus TASK_SETTINGS."""
+    builder, _ = task_builder(name_or_path)
+    params = [
+        p for p in inspect.signature(builder).parameters if p not in ("path", "run_or_checkpoint")
+    ]
+    return params + list(TASK_SETTINGS)
+
+
+def get_task(name_or_path: str | Path | Task, **kw) -> Task:
+    """A built-in task by name, a dataset task from a .jsonl/.json/.parquet path, or a demo
+    run (or checkpoint) directory: the task it trained on.
+
+    Keyword arguments go to the task's builder (``arithmetic_task`` or ``dataset_task``);
+    ``correct`` and ``nan_rewards`` (:class:`Task`) apply to any task. ``correct`` may be a
+    verifier spec ``"module:function"`` like ``reward``.
+    """
+    if isinstance(name_or_path, Task):
+        return name_or_path
+    builder, kind = task_builder(name_or_path)
+    allowed = task_options(name_or_path)
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise StepprobeError(
+            f"task {str(name_or_path)!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(u) for u in unknown)}; {kind} takes: {', '.join(allowed)}"
+        )
+    settings = {k: kw.pop(k) for k in TASK_SETTINGS if k in kw}
+    task = builder(name_or_path, **kw) if builder is not arithmetic_task else builder(**kw)
+    correct = settings.get("correct")
+    if isinstance(correct, str):
+        from .userfn import load_callable as load
+
+        correct = load(correct, what="correct")
+    if correct is not None:
+        task.correct = correct
+    if "nan_rewards" in settings:
+        task.nan_rewards = settings["nan_rewards"]
+    task.__post_init__()  # validate the settings just applied
+    task.info.update(
+        {k: (v if not callable(v) else _callable_name(v)) for k, v in settings.items()}
+    )
+    return task

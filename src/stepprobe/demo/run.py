@@ -106,11 +106,12 @@ def headline(study_dir: Path, console) -> None:
         return
     df = pd.read_csv(path)
     t = Table(title="entropy change per step: predicted (SNIS, η=1) vs training-log slope")
-    for col in ("step", "predicted ΔH/step [95%]", "log slope [95%]"):
+    for col in ("step", "lr", "predicted ΔH/step [95%]", "log slope [95%]"):
         t.add_column(col, justify="right")
     for r in df.itertuples():
         t.add_row(
             str(r.step),
+            f"{r.lr:.3g}" if "lr" in df else "–",
             f"{r.predicted:+.4f} [{r.predicted_ci_low:+.4f}, {r.predicted_ci_high:+.4f}]",
             f"{r.observed_slope:+.4f} [{r.observed_ci_low:+.4f}, {r.observed_ci_high:+.4f}]",
         )

@@ -32,10 +32,14 @@ class _Strict(BaseModel):
 
 
 class BatchSpec(_Strict):
-    """How one batch is drawn: ``prompts`` prompts x ``per_prompt`` completions each."""
+    """How one batch is drawn: ``prompts`` prompts x ``per_prompt`` completions each.
 
-    prompts: int = Field(gt=0)
-    per_prompt: int = Field(gt=0)
+    For the update batch both default to the run's own optimizer step (study/preflight.py:
+    per_prompt = num_generations, prompts = the step's completions / per_prompt).
+    """
+
+    prompts: int | None = Field(None, gt=0)
+    per_prompt: int | None = Field(None, gt=0)
     # TRL's GRPOTrainer trains on unfiltered batches: zero-advantage groups add no gradient
     # but count in the loss normaliser, so filtering U takes a larger step than the run did.
     filter_zero_advantage: bool = False
@@ -45,6 +49,8 @@ class BatchSpec(_Strict):
 class EvalSpec(BatchSpec):
     """The evaluation batch measures Q under the policy itself: no filtering by default."""
 
+    prompts: int = Field(gt=0)
+    per_prompt: int = Field(gt=0)
     filter_zero_advantage: bool = False
 
 
@@ -79,6 +85,9 @@ class ReportSpec(_Strict):
     target_ci_width: float | None = Field(None, gt=0)
     log_window: int = Field(10, gt=0)
     log_key: str = "entropy"
+    # Checkpoints whose next step has lr = 0 (a schedule's end) change nothing: flagged,
+    # and left out of pooled regressions and plots unless this is true.
+    include_zero_lr: bool = False
 
 
 class StudyConfig(_Strict):
@@ -87,7 +96,7 @@ class StudyConfig(_Strict):
     reference_model: str | None = None
     task: str
     task_options: dict[str, Any] = {}
-    update: BatchSpec
+    update: BatchSpec = BatchSpec()  # default: the run's own optimizer step
     evaluation: EvalSpec = EvalSpec(prompts=16, per_prompt=4)
     repeats: int = Field(gt=0)
     etas: list[float] = Field(default=[0.5, 1.0, 2.0], min_length=1)
@@ -136,6 +145,8 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _removal_fits(self):
+        if self.update.prompts is None or self.update.per_prompt is None:
+            return self  # checked again once the run's own step size is known
         n = self.update.prompts * self.update.per_prompt
         if self.removal.sequences >= n:
             raise ValueError(
@@ -264,11 +275,27 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
         raise StepprobeError(_format_errors(e, source)) from None
     base = base or Path.cwd()
     ckpts = resolve_checkpoints(cfg.checkpoints, base)
-    update = {"checkpoints": [str(c) for c in ckpts], "task": resolve_task(cfg.task, base)}
+    update = {
+        "checkpoints": [str(c) for c in ckpts],
+        "task": resolve_task(cfg.task, base),
+        "task_options": resolve_task_options(cfg.task_options, base),
+    }
     for key in ("base_model", "reference_model"):
         if getattr(cfg, key) is not None:
             update[key] = resolve_model_dir(key, getattr(cfg, key), base)
     return cfg.model_copy(update=update)
+
+
+def resolve_task_options(options: dict[str, Any], base: Path) -> dict[str, Any]:
+    """User functions (``reward``, a ``correct`` verifier) found where users keep them: a
+    module next to the config file, or a file path relative to it (userfn.resolve_spec)."""
+    from ..userfn import resolve_spec
+
+    out = dict(options)
+    for key in ("reward", "correct"):
+        if isinstance(out.get(key), str):
+            out[key] = resolve_spec(out[key], base, what=f"task_options.{key}")
+    return out
 
 
 def resolve_model_dir(key: str, entry: str, base: Path) -> str:

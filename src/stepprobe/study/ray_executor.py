@@ -77,7 +77,10 @@ class RayExecutor:
             return self.num_gpus
         return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
-    def run(self, body: Body, trials: Iterable[Trial]) -> Iterator[tuple[Trial, TrialResult]]:
+    def run(
+        self, body: Body, trials: Iterable[Trial], on_stage=None
+    ) -> Iterator[tuple[Trial, TrialResult]]:
+        # on_stage: stages inside a trial are not reported from Ray workers (trials only)
         trials = list(trials)
         if not trials:
             return

@@ -11,8 +11,13 @@ Writes OUT/report/*.csv (one file per table below), OUT/plots/*.png and OUT/repo
 - log_check: predicted per-step entropy change vs the training log's local slope;
 - variants: ΔQ per update-rule variant and variant - run with paired and unpaired intervals
   (variants.compare.paired_differences), per checkpoint, plus the exploration plots;
-- removal: predicted vs measured ΔH when the most negative (or random) k are removed.
+- removal: predicted vs measured ΔH when the most negative (or random) k are removed;
+- influence_units: each checkpoint's average item influence S/N (S = Σ_i δQ_i), the unit
+  of the regressions' `*_rel` coefficients (raw-unit coefficients stay beside them).
 Every table but the variant ones reads the run's own rule (changes rows with variant "run").
+Every per-step table carries the lr its step was taken at; checkpoints whose lr is 0 are
+flagged and left out of pooled regressions and plots (report.include_zero_lr keeps them).
+The preflight's warnings (study/preflight.py: departures from the run) head the report.
 """
 
 from __future__ import annotations
@@ -303,6 +308,130 @@ def regressions(
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
+# ---------------------------------------------------------------------- regression units
+def influence_units(df: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Per checkpoint and response, the unit of the regressions' `*_rel` coefficients: the
+    average influence of one item (sequence or token) of the update batch, S/N, where
+    S = Σ_i δQ_i is the step's first-order change carried by the batch's N items (per trial,
+    then the mean over repeats). ``stable``: |S/N| above twice its standard error over
+    repeats (or a single repeat), so that multiples of it mean something."""
+    ycols = [c for c in df.columns if c.startswith("influence_") and not c.endswith("_se")]
+    keys = ["checkpoint_index", "checkpoint", "repeat"]
+    rows = []
+    for y in ycols:
+        d = df[np.isfinite(df[y].astype(float))]
+        per_trial = d.groupby(keys, sort=True)[y].agg(["sum", "size"])
+        for (ci, ck), g in per_trial.groupby(level=[0, 1], sort=True):
+            t = stats.t_interval((g["sum"] / g["size"]).to_numpy(), level)
+            se = t["se"]
+            stable = bool(t["mean"] != 0 and (not np.isfinite(se) or abs(t["mean"]) > 2 * se))
+            rows.append({"response": y.removeprefix("influence_"), "checkpoint_index": ci,
+                         "checkpoint": ck, "step_change": float(g["sum"].mean()),
+                         "items": float(g["size"].mean()), "per_item": t["mean"],
+                         "per_item_se": se, "repeats": t["n"], "stable": stable})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def regressions_relative(
+    df: pd.DataFrame,
+    features: list[str],
+    cluster_cols: list[str],
+    level: float,
+    interaction: tuple[str, str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`regressions` in raw units (ΔQ per sequence or token, as influences are) and again
+    with each influence divided by its checkpoint's average item influence S/N
+    (influence_units): `*_rel` coefficients read "a feature 1 SD higher (or a correct
+    completion) adds this many average items' shares of the step's change", comparable
+    across studies, models, batch sizes and step sizes."""
+    raw = regressions(df, features, cluster_cols, level, interaction)
+    units = influence_units(df, level)
+    if not len(raw) or not len(units):
+        return raw, units
+    rel = df.copy()
+    for resp, u in units.groupby("response"):
+        y = f"influence_{resp}"
+        den = rel["checkpoint"].map(u.set_index("checkpoint")["per_item"]).astype(float)
+        rel[y] = rel[y].astype(float) / den.where(den != 0)
+    fit = regressions(rel, features, cluster_cols, level, interaction)
+    cols = {c: f"{c}_rel" for c in ("coef", "se", "ci_low", "ci_high", "p")}
+    fit = fit[["response", "term", *cols]].rename(columns=cols)
+    return raw.merge(fit, on=["response", "term"], how="left"), units
+
+
+# ---------------------------------------------------------------------- the run's lr
+def checkpoint_lrs(changes: pd.DataFrame) -> pd.DataFrame:
+    """The lr each checkpoint's step was taken at (the trials' replayed lr)."""
+    if not len(changes) or "lr" not in changes:
+        return pd.DataFrame(columns=["checkpoint", "lr"])
+    return changes.groupby("checkpoint", sort=False)["lr"].first().reset_index()
+
+
+def with_lr(df: pd.DataFrame, lrs: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the checkpoint's lr right after its step (per-step tables show it)."""
+    if not len(df) or "checkpoint" not in df or not len(lrs) or "lr" in df:
+        return df
+    out = df.merge(lrs, on="checkpoint", how="left")
+    cols = [c for c in out.columns if c != "lr"]
+    at = cols.index("step") + 1 if "step" in cols else cols.index("checkpoint") + 1
+    return out[cols[:at] + ["lr"] + cols[at:]]
+
+
+def zero_lr_checkpoints(lrs: pd.DataFrame) -> list[str]:
+    """Checkpoints whose next step has lr = 0 (a schedule's end): their step changes nothing."""
+    return [] if not len(lrs) else list(lrs.loc[lrs["lr"] == 0, "checkpoint"])
+
+
+def without_checkpoints(tables: dict, names: list[str]) -> dict:
+    """The tables without the rows of checkpoints ``names`` (pooled fits and plots)."""
+    if not names:
+        return tables
+    return {k: (v[~v["checkpoint"].isin(names)] if len(v) and "checkpoint" in v else v)
+            for k, v in tables.items()}  # fmt: skip
+
+
+def _warnings_section(
+    preflight: dict, changes: pd.DataFrame, zero: list[str], include: bool
+) -> list[str]:
+    """What departs from the run or rests on little: the preflight's warnings, checkpoints
+    with lr = 0, SNIS estimates with ESS/M below ESS_WARN."""
+    from .trial import ESS_WARN
+
+    lines = [f"- {c['subject']}: {c['message']}" for c in preflight.get("checks", [])
+             if c.get("status") == "warning" and c.get("name") != "lr"]  # fmt: skip
+    if zero:
+        what = (
+            "included anyway (report.include_zero_lr)"
+            if include
+            else (
+                "left out of the pooled regressions and the plots (report.include_zero_lr: true keeps them)"
+            )
+        )
+        lines.append(f"- lr = 0 at {', '.join(zero)}: the schedule has ended there, so the step changes "
+                     f"nothing (every ΔQ is 0); shown in the per-step tables with their lr, {what}.")  # fmt: skip
+    if len(changes) and {"estimator", "ess_frac"} <= set(changes.columns):
+        snis = changes[changes.estimator == "snis"]
+        low = snis[snis.ess_frac < ESS_WARN]
+        if len(low):
+            lines.append(f"- SNIS effective sample size below {ESS_WARN:g} of the evaluation samples in "
+                         f"{len(low)} of {len(snis)} rows (lowest {low.ess_frac.min():.2f}, at "
+                         f"{', '.join(sorted(set(low.checkpoint)))}): those estimates rest on few samples.")  # fmt: skip
+    return ["## Warnings\n", "\n".join(lines) + "\n"] if lines else []
+
+
+def _update_batch_line(cfg: dict, preflight: dict) -> str:
+    u = preflight.get("update") or {}
+    run = u.get("run_step")
+    size = f"{cfg['update']['prompts']}x{cfg['update']['per_prompt']}"
+    if u.get("source") == "the run's optimizer step" and run:
+        return (f"update batch {size} = the run's optimizer step (per_device_train_batch_size "
+                f"{run['per_device_train_batch_size']} x gradient_accumulation_steps "
+                f"{run['gradient_accumulation_steps']} x world size {run['world_size']} "
+                f"[{run['sources']['world_size']}] = {run['completions']} completions in groups of "
+                f"num_generations {run['num_generations']})")  # fmt: skip
+    return f"update batch {size}" + (f" ({u['source']})" if u.get("source") else "")
+
+
 def log_check(
     by_ckpt: pd.DataFrame, history: list[dict], key: str, window: int, eta_ref: float, level: float
 ) -> pd.DataFrame:
@@ -364,8 +493,13 @@ def build_report(out: str | Path) -> Path:
     cfg = summary["config"]
     rep = cfg["report"]
     level = rep["level"]
+    pre = _read_preflight(out)
     all_changes = tables["changes"]
     changes = run_rows(all_changes)
+    lrs = checkpoint_lrs(changes)
+    zero = zero_lr_checkpoints(lrs)
+    include_zero = bool(rep.get("include_zero_lr", False))
+    pooled = tables if include_zero else without_checkpoints(tables, zero)
     eval_samples = cfg["evaluation"]["prompts"] * cfg["evaluation"]["per_prompt"]
     eta_ref = _reference_eta(changes["eta"]) if len(changes) else 1.0
 
@@ -381,23 +515,32 @@ def build_report(out: str | Path) -> Path:
     )
     lin = linearity_table(by_ckpt, eta_ref)
     seq_upd = (
-        tables["sequences"][tables["sequences"]["role"] == "update"]
-        if len(tables["sequences"])
-        else tables["sequences"]
+        pooled["sequences"][pooled["sequences"]["role"] == "update"]
+        if len(pooled["sequences"])
+        else pooled["sequences"]
     )
-    reg_seq = regressions(
+    reg_seq, scale_seq = regressions_relative(
         seq_upd, SEQ_FEATURES, ["checkpoint", "repeat"], level, interaction=("correct", "prob_min")
     )
-    reg_tok = (
-        regressions(
-            tables["tokens"],
+    reg_tok, scale_tok = (
+        regressions_relative(
+            pooled["tokens"],
             TOKEN_FEATURES,
             ["checkpoint", "repeat"],
             level,
             interaction=("correct", "prob"),
         )
-        if len(tables["tokens"])
-        else pd.DataFrame()
+        if len(pooled["tokens"])
+        else (pd.DataFrame(), pd.DataFrame())
+    )
+    scales = pd.concat(
+        [
+            d.assign(level="sequence" if i == 0 else "token")
+            for i, d in enumerate((scale_seq, scale_tok))
+            if len(d)
+        ]
+        or [pd.DataFrame()],
+        ignore_index=True,
     )
     check = log_check(by_ckpt, history, rep["log_key"], rep["log_window"], eta_ref, level)
     variants = variants_table(all_changes, eta_ref, level) if len(all_changes) else pd.DataFrame()
@@ -415,7 +558,9 @@ def build_report(out: str | Path) -> Path:
         "log_check": check,
         "variants": variants,
         "removal": removal,
+        "influence_units": scales,
     }
+    results = {k: with_lr(v, lrs) for k, v in results.items()}
     for name, df in results.items():
         tmp = rdir / f".{name}.csv.tmp"
         df.to_csv(tmp, index=False)
@@ -423,14 +568,65 @@ def build_report(out: str | Path) -> Path:
 
     pdir = out / "plots"
     pdir.mkdir(exist_ok=True)
-    figs = plots.make_all(tables, by_ckpt, history, check, rep["log_key"], rep["log_window"], pdir)
-    figs += exploration_plots(variants, pdir)
-    text = _markdown(out, cfg, summary, results, figs, eta_ref, level)
+    drop = [] if include_zero else zero  # plots pool checkpoints too: same exclusion
+    figs = plots.make_all(pooled, _without(by_ckpt, drop), history, _without(check, drop),
+                          rep["log_key"], rep["log_window"], pdir)  # fmt: skip
+    figs += exploration_plots(_without(variants, drop), pdir)
+    extra = {"preflight": pre, "zero_lr": zero, "include_zero_lr": include_zero, "changes": changes}
+    text = _markdown(out, cfg, summary, results, figs, eta_ref, level, extra)
     tmp = out / ".report.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "report.md")
     write_json(rdir / "index.json", {"tables": sorted(results), "plots": [p.name for p in figs]})
     return out / "report.md"
+
+
+def _read_preflight(out: Path) -> dict:
+    """OUT/preflight.json (absent in studies run without a preflight)."""
+    f = out / "preflight.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise StepprobeError(f"{f}: unreadable preflight record ({e})") from None
+
+
+def _without(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    if not names or not len(df) or "checkpoint" not in df:
+        return df
+    return df[~df["checkpoint"].isin(names)]
+
+
+def _regression_section(r: dict, pre: dict, extra: dict) -> list[str]:
+    """Coefficients in units of the average item's influence (comparable across studies);
+    raw units (ΔQ per sequence or token) stay in the CSVs."""
+    correct = (pre.get("task") or {}).get("correct") or "reward > 0 (the default)"
+    zero = extra.get("zero_lr") or []
+    left_out = (f" Checkpoints with lr = 0 ({', '.join(zero)}) are left out."
+                if zero and not extra.get("include_zero_lr") else "")  # fmt: skip
+    un = r.get("influence_units", pd.DataFrame())
+    unstable = sorted(set(un.loc[~un["stable"].astype(bool), "checkpoint"])) if len(un) else []
+    cols = ["response", "term", "coef_rel", "ci_low_rel", "ci_high_rel", "p_rel", "n", "clusters"]
+    return [
+        "## What drives the change: influence regressed on features\n",
+        "Each update sequence's (or token's) first-order influence δQ is divided by its checkpoint's "
+        "average item influence S/N (S = Σ_i δQ_i, the step's change carried by the batch's N sequences or "
+        "tokens; mean over repeats; report/influence_units.csv). So 1 is an average item's share of the "
+        "step's change, and `coef_rel` is how many such shares a feature 1 SD higher adds (continuous "
+        "features standardised, `feature_sd`), or a correct completion adds over an incorrect one: "
+        "comparable across studies, models, batch sizes and step sizes. The same fits in raw units "
+        "(ΔQ per sequence or token: `coef`, `se`, `ci_low`, `ci_high`, `p`) are in report/regression_*.csv. "
+        f"`correct` means: {correct}. Cluster-robust (CR1) errors by trial: a trial's influences share its "
+        f"evaluation batch and update, so they are not independent. Pooled over checkpoints.{left_out}\n",
+        (
+            f"S/N is within two standard errors of 0 at {', '.join(unstable)}: units there are unstable.\n"
+            if unstable
+            else ""
+        ),  # fmt: skip
+        "### Update sequences\n",
+        md_table(r["regression_sequences"], cols),
+        "### Update tokens\n",
+        md_table(r["regression_tokens"], cols),
+    ]
 
 
 def _variant_section(var: pd.DataFrame, rem: pd.DataFrame, eta_ref: float, pct: str) -> list[str]:
@@ -457,6 +653,7 @@ def _variant_section(var: pd.DataFrame, rem: pd.DataFrame, eta_ref: float, pct: 
                 [
                     "checkpoint",
                     "step",
+                    "lr",
                     "variant",
                     "quantity",
                     "estimator",
@@ -486,6 +683,7 @@ def _variant_section(var: pd.DataFrame, rem: pd.DataFrame, eta_ref: float, pct: 
                 [
                     "checkpoint",
                     "step",
+                    "lr",
                     "level",
                     "k",
                     "quantity",
@@ -528,13 +726,18 @@ def _log_sentences(check: pd.DataFrame, pct: str) -> str:
             verdict = "intervals overlap" if overlap else "intervals do NOT overlap"
             ratio = r.predicted / r.observed_slope if r.observed_slope else math.nan
             lines.append(
-                f"- {r.checkpoint} (step {r.step}): predicted ΔH per step {pred}; log slope {obs} ({pct}); ratio {_fmt(ratio)}, {verdict}."
+                f"- {r.checkpoint} ({_step_lr(r)}): predicted ΔH per step {pred}; log slope {obs} ({pct}); ratio {_fmt(ratio)}, {verdict}."
             )
         else:
             lines.append(
-                f"- {r.checkpoint} (step {r.step}): predicted ΔH per step {pred}; too few log points around it for a slope."
+                f"- {r.checkpoint} ({_step_lr(r)}): predicted ΔH per step {pred}; too few log points around it for a slope."
             )
     return "\n".join(lines) + "\n"
+
+
+def _step_lr(r) -> str:
+    lr = getattr(r, "lr", None)
+    return f"step {r.step}" + (f", lr {_fmt(float(lr))}" if lr is not None and pd.notna(lr) else "")
 
 
 def _fmt(v) -> str:
@@ -555,15 +758,23 @@ def md_table(df: pd.DataFrame, cols: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
+def _markdown(out, cfg, summary, r, figs, eta_ref, level, extra=None) -> str:
+    extra = extra or {}
+    pre = extra.get("preflight") or {}
     pct = f"{level:.0%}"
     by = r["changes_by_checkpoint"]
     head = by[(by.direction == "full") & np.isclose(by.eta, eta_ref)]
     s = [
         f"# Study report: {out.name}\n",
         f"{summary['trials']['finished']} of {summary['trials']['planned']} trials; {len(cfg['checkpoints'])} checkpoint(s) x {cfg['repeats']} repeat(s); "
-        f"update batch {cfg['update']['prompts']}x{cfg['update']['per_prompt']}, evaluation batch {cfg['evaluation']['prompts']}x{cfg['evaluation']['per_prompt']}; "
+        f"{_update_batch_line(cfg, pre)}, evaluation batch {cfg['evaluation']['prompts']}x{cfg['evaluation']['per_prompt']}; "
         f"git {summary.get('git_commit')}.\n",
+        *_warnings_section(
+            pre,
+            extra.get("changes", pd.DataFrame()),
+            extra.get("zero_lr", []),
+            extra.get("include_zero_lr", False),
+        ),  # fmt: skip
         f"## Expected change per step (η = {eta_ref:g} x lr, full update)\n",
         f"Mean over repeats with {pct} t intervals; each repeat redraws the update and evaluation batches, so the interval covers both sources of noise.\n",
         md_table(
@@ -571,6 +782,7 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
             [
                 "checkpoint",
                 "step",
+                "lr",
                 "quantity",
                 "estimator",
                 "mean",
@@ -595,18 +807,7 @@ def _markdown(out, cfg, summary, r, figs, eta_ref, level) -> str:
         md_table(_main_rows(r["allocation"])),
         "## Linearity (ΔQ(η) = sη + cη² [+ dη³], SNIS means over repeats; `nonlinear`: (|c|+|d|) > 0.1|s| at η = 1)\n",
         md_table(r["linearity"]),
-        "## What drives the change: influence regressed on features\n",
-        "Continuous features standardised (coefficient per SD, `feature_sd`); `correct` is 0/1; cluster-robust (CR1) errors by trial: a trial's influences share its evaluation batch and update, so they are not independent. Pooled over checkpoints.\n",
-        "### Update sequences\n",
-        md_table(
-            r["regression_sequences"],
-            ["response", "term", "coef", "se", "ci_low", "ci_high", "p", "n", "clusters"],
-        ),
-        "### Update tokens\n",
-        md_table(
-            r["regression_tokens"],
-            ["response", "term", "coef", "se", "ci_low", "ci_high", "p", "n", "clusters"],
-        ),
+        *_regression_section(r, pre, extra),
         *_variant_section(r["variants"], r["removal"], eta_ref, pct),
         "## Plots\n",
         *[f"![{p.stem}](plots/{p.name})\n" for p in figs],

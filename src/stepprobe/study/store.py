@@ -2,6 +2,8 @@
 
     OUT/study.json              the validated config and its fingerprints
     OUT/trials/<trial_id>/      sequences/tokens/changes.parquet + info.json
+    OUT/preflight.json          the preflight's checks and the defaults it filled in
+    OUT/events.jsonl            the event log (logs.py): one JSON object per line
     OUT/{sequences,tokens,changes}.parquet, summary.json, log_history.json, report.md, plots/
 
 A trial is written into ``trials/.tmp-<id>-<pid>`` and renamed into place with os.replace,
@@ -47,9 +49,10 @@ class Store:
     def open(cls, out: str | os.PathLike, config: StudyConfig, force: bool = False) -> Store:
         """Create OUT, or reopen it for the same config.
 
-        A different config is refused unless ``force``; with force the new config is
-        recorded and finished trials whose results it would change are deleted (trials it
-        would compute identically, e.g. when only repeats were added, are kept).
+        A different config is refused unless ``force`` or no trial has finished yet; with force
+        the new config is recorded and finished trials whose results it would change are
+        deleted (trials it would compute identically, e.g. when only repeats were added, are
+        kept).
         """
         store = cls(Path(out))
         meta_path = store.out / "study.json"
@@ -63,7 +66,8 @@ class Store:
                 old = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise StepprobeError(f"{meta_path}: unreadable study record ({e})") from None
-            if old.get("fingerprint") != new["fingerprint"] and not force:
+            # a study without a finished trial has nothing to protect: adopt the new config
+            if old.get("fingerprint") != new["fingerprint"] and not force and store.finished():
                 changed = _changed_keys(old.get("config", {}), new["config"])
                 raise StepprobeError(
                     f"{store.out} holds a study with a different config (changed: {', '.join(changed) or 'unknown'}); "

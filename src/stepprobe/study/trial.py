@@ -9,6 +9,7 @@ in another process and hand the result back to the store.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +34,26 @@ class TrialResult:
     tables: dict[str, pd.DataFrame]
     info: dict = field(default_factory=dict)  # step, lr, batch sizes, update stats
     timings: dict = field(default_factory=dict)  # seconds per phase (kept out of the tables)
+    events: list[dict] = field(default_factory=list)  # logs.event records for events.jsonl
+
+
+# Progress inside a trial: the executor may install a hook called with (trial_id, stage)
+# as each stage starts (a side channel: results never depend on it).
+_STAGE_HOOK = None
+ESS_WARN = 0.5  # SNIS ESS / M below this: few evaluation samples carry the estimate
+
+
+def set_stage_hook(fn) -> None:
+    global _STAGE_HOOK
+    _STAGE_HOOK = fn
+
+
+def _stage(trial: Trial, name: str) -> None:
+    if _STAGE_HOOK is not None:
+        try:
+            _STAGE_HOOK(trial.trial_id, name)
+        except Exception:  # a broken progress channel must not fail the trial
+            pass
 
 
 # One checkpoint stays loaded per process: consecutive trials of a checkpoint reuse it.
@@ -198,37 +219,130 @@ def _removal(ckpt, U, E, upd, seqs, toks, ch, cfg: dict, seed: int) -> pd.DataFr
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
+class _Stages:
+    """Times each stage of a trial and announces it to the progress hook as it starts."""
+
+    def __init__(self, trial: Trial):
+        self.trial, self.timings = trial, {}
+        self.t0 = self.t = time.perf_counter()
+        self.name = None
+
+    def start(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if self.name is not None:
+            self.timings[self.name] = self.timings.get(self.name, 0.0) + now - self.t
+        self.name, self.t = name, now
+        if name is not None:
+            _stage(self.trial, name)
+
+    def done(self) -> dict:
+        self.start(None)
+        self.timings["total"] = time.perf_counter() - self.t0
+        return self.timings
+
+
+def _sampling_event(batch, role: str) -> dict:
+    from ..logs import event
+
+    i = batch.info
+    tried, disc = i.get("groups_tried", 0), i.get("groups_discarded", 0)
+    nan, rounds = i.get("groups_dropped_nan", 0), i.get("resample_rounds", 0)
+    msg = (
+        f"{role} batch: {len(batch)} sequences; tried {tried} groups, discarded {disc} with "
+        f"identical rewards, dropped {nan} with non-numeric rewards, {rounds} resampling round(s)"
+    )
+    return event("sampling", msg, "INFO" if disc or nan or rounds else "DEBUG", role=role,
+                 sequences=len(batch), groups_tried=tried, groups_discarded=disc,
+                 groups_dropped_nan=nan, resample_rounds=rounds)  # fmt: skip
+
+
+def _update_event(upd) -> dict:
+    """Norms of the update (Δθ = lr v), its parts, the clip factor and the lr."""
+    from ..logs import event
+
+    def norm(d) -> float:
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values()))
+
+    v, b = norm(upd.vector), norm(upd.baseline)
+    g = math.sqrt(sum(float((upd.vector[k] - upd.baseline[k]).double().pow(2).sum())
+                      for k in upd.vector))  # fmt: skip
+    st = upd.stats or {}
+    lr = float(upd.lr)
+    fields = dict(lr=lr, step_norm=lr * v, vector_norm=v, baseline_norm=b, grad_part_norm=g,
+                  grad_norm=float(st.get("grad_norm", math.nan)),
+                  clip_coef=float(st.get("clip_coef", math.nan)))  # fmt: skip
+    if lr == 0:
+        return event("update", "lr = 0: the schedule has ended and this step changes nothing",
+                     "WARNING", **fields)  # fmt: skip
+    msg = (
+        f"update: lr {lr:.4g}, |Δθ| {lr * v:.4g} (|v| {v:.4g}: baseline {b:.4g}, gradient part "
+        f"{g:.4g}), grad norm {fields['grad_norm']:.4g}, clip factor {fields['clip_coef']:.4g}"
+    )
+    return event("update", msg, "DEBUG", **fields)
+
+
+def _ess_events(changes: pd.DataFrame) -> list[dict]:
+    """SNIS effective sample size per (variant, direction, η), from the measured rows; a
+    WARNING below ESS/M = ESS_WARN (few evaluation samples carry the estimate)."""
+    from ..logs import event
+
+    need = {"estimator", "ess", "ess_frac", "max_weight_share"}
+    if not len(changes) or not need <= set(changes.columns):
+        return []
+    snis = changes[changes["estimator"] == "snis"]
+    keys = [k for k in ("variant", "direction", "eta") if k in snis]
+    out = []
+    for k, g in snis.groupby(keys, sort=False):
+        r = g.iloc[0]
+        where = ", ".join(
+            f"{n} {v}" for n, v in zip(keys, k if isinstance(k, tuple) else (k,), strict=True)
+        )
+        low = float(r["ess_frac"]) < ESS_WARN
+        msg = (
+            f"SNIS at {where}: ESS {float(r['ess']):.3g} ({float(r['ess_frac']):.0%} of the "
+            f"evaluation samples), largest weight share {float(r['max_weight_share']):.3g}"
+            + (f"; below ESS/M = {ESS_WARN}: the estimate rests on few samples" if low else "")
+        )
+        out.append(event("ess", msg, "WARNING" if low else "DEBUG",
+                         **{n: v for n, v in zip(keys, k if isinstance(k, tuple) else (k,), strict=True)},
+                         ess=float(r["ess"]), ess_frac=float(r["ess_frac"]),
+                         max_weight_share=float(r["max_weight_share"])))  # fmt: skip
+    return out
+
+
 def run_trial(trial: Trial) -> TrialResult:
     """One replay: sample U and E, rebuild the update, measure changes and influences."""
     import torch
 
+    from ..logs import event
+
     sp = _api()
 
     cfg = trial.config
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    clock = _Stages(trial)
+    events: list[dict] = []
 
-    def lap(name: str, t: float) -> float:
-        now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + now - t
-        return now
-
+    clock.start("load")
     torch.manual_seed(trial.update_seed)  # belt and braces: sample_batch seeds its own draws
     ckpt = _checkpoint(trial)
     task = sp.get_task(cfg["task"], **cfg.get("task_options", {}))
-    t = lap("load", t0)
+    clock.start("sample_update")
     U = _sample(sp, ckpt, task, cfg["update"], trial.update_seed)
-    t = lap("sample_update", t)
+    events.append(_sampling_event(U, "update"))
+    clock.start("sample_eval")
     E = _sample(sp, ckpt, task, cfg["evaluation"], trial.eval_seed)
-    t = lap("sample_eval", t)
+    events.append(_sampling_event(E, "evaluation"))
+    clock.start("update")
     upd = sp.replay_update(ckpt, U)
-    t = lap("update", t)
+    events.append(_update_event(upd))
     info = {"step": int(ckpt.step), "lr": float(upd.lr), "update_size": len(U), "eval_size": len(E)}
     stats = (upd.stats or {}).items()
     info.update({f"update_{k}": float(v) for k, v in stats if isinstance(v, int | float)})
+    info["correct"] = task.correct_definition
     ids = _ids(trial, info)
 
     # One measure call covers every quantity (their integrands share the forward passes).
+    clock.start("measure")
     ests = cfg["estimators"]
     m = sp.measure(
         ckpt,
@@ -240,8 +354,8 @@ def run_trial(trial: Trial) -> TrialResult:
         directions=cfg["directions"],
     )
     ch = m.table.copy()
-    t = lap("measure", t)
 
+    clock.start("influence")
     seqs = pd.concat(
         [_sequence_features(U, "update"), _sequence_features(E, "eval")], ignore_index=True
     )
@@ -268,16 +382,18 @@ def run_trial(trial: Trial) -> TrialResult:
             # holds it, and per-sequence gradients (the costly part) are never built.
             per_seq = np.bincount(toks["seq"].to_numpy(), weights=tok_inf, minlength=len(U))
             seqs[f"influence_{q}"] = list(per_seq) + nan_e
-    t = lap("influence", t)
 
     ch["variant"] = "run"
     parts = [ch]
-    for spec in cfg.get("variants") or ():
-        parts.append(_variant_changes(sp, ckpt, U, E, spec, cfg))
+    if cfg.get("variants"):
+        clock.start("variants")
+        for spec in cfg["variants"]:
+            parts.append(_variant_changes(sp, ckpt, U, E, spec, cfg))
     ch = pd.concat(parts, ignore_index=True)
-    t = lap("variants", t)
+    if (cfg.get("removal") or {}).get("sequences") or (cfg.get("removal") or {}).get("tokens"):
+        clock.start("removal")
     removal = _removal(ckpt, U, E, upd, seqs, toks, parts[0], cfg, trial.update_seed)
-    lap("removal", t)
+    events.extend(_ess_events(ch))
 
     lead = ["variant", "quantity", "estimator", "direction", "eta"]
     ch = ch[lead + [c for c in ch.columns if c not in lead]]
@@ -288,5 +404,15 @@ def run_trial(trial: Trial) -> TrialResult:
         "changes": _with_ids(ch, ids),
         "removal": _with_ids(removal, ids),
     }
-    timings["total"] = time.perf_counter() - t0
-    return TrialResult(tables=tables, info=info, timings=timings)
+    timings = clock.done()
+    events.append(
+        event(
+            "timings",
+            "stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
+            "DEBUG",
+            seconds=timings,
+        )  # fmt: skip
+    )
+    for ev in events:
+        ev["trial"] = trial.trial_id
+    return TrialResult(tables=tables, info=info, timings=timings, events=events)

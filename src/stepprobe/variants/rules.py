@@ -20,7 +20,6 @@ References (the definitions follow the authors' code, not only the papers):
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,30 +192,10 @@ class TokenState:
 
 
 def load_callable(spec: str) -> Callable:
-    """Import ``module:function`` (or ``module.function``); errors name the spec."""
-    if not isinstance(spec, str) or not spec:
-        raise StepprobeError(f"weight function: expected 'module:function', got {spec!r}")
-    mod_name, sep, attr = spec.partition(":")
-    if not sep:
-        mod_name, _, attr = spec.rpartition(".")
-    if not mod_name or not attr:
-        raise StepprobeError(f"weight function {spec!r}: expected 'module:function'")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise StepprobeError(
-            f"weight function {spec!r}: cannot import module '{mod_name}' ({e})"
-        ) from e
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise StepprobeError(
-                f"weight function {spec!r}: module '{mod_name}' has no attribute '{attr}'"
-            )
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise StepprobeError(f"weight function {spec!r}: '{attr}' is not callable")
-    return fn
+    """Import ``module:function``, ``module.function`` or ``file.py:function``; errors name the spec."""
+    from ..userfn import load_callable as load
+
+    return load(spec, what="weight function", dotted=True)
 
 
 def user_weights(fn: Callable, state: TokenState, batch) -> torch.Tensor:
