@@ -367,6 +367,7 @@ def test_variance_table_flags_miscalibrated_standard_errors():
         "few": "",
     }
 
+
 # ---------------------------------------------------------------------- issue 12
 def test_a_study_with_no_finished_trial_never_needs_force(tmp_path, run_dir):
     out = tmp_path / "out"
