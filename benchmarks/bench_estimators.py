@@ -16,11 +16,13 @@ import time
 
 import torch
 
-from stepprobe.batch import Batch
+from stepprobe.core.attention import math_attention
+from stepprobe.core.batch import Batch
 from stepprobe.demo.model import build_model, build_tokenizer
-from stepprobe.influence import _terms, gram, math_attention, per_sequence_gradients, surrogate
-from stepprobe.measure import evaluate, trainable
-from stepprobe.quantities import get_quantity
+from stepprobe.estimators.gradients import _terms, per_sequence_gradients, surrogate
+from stepprobe.estimators.params import gram, trainable
+from stepprobe.estimators.quantities import get_quantity
+from stepprobe.estimators.snis import evaluate
 
 
 def batch(n, p, c, vocab, seed):

@@ -15,8 +15,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from stepprobe.demo.model import build_tokenizer
-from stepprobe.rollouts import _left_pad, sample, tokenize_prompts
-from stepprobe.tasks import get_task
+from stepprobe.rollouts.draw import _left_pad, sample, tokenize_prompts
+from stepprobe.rollouts.tasks import get_task
 
 
 def main() -> None:

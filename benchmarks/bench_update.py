@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from stepprobe.loss import token_losses
 
 import stepprobe as sp
-from stepprobe.batch import Batch
+from stepprobe.core.batch import Batch
 from stepprobe.demo.model import build_model, build_tokenizer
-from stepprobe.loss import token_losses
 
 
 def setup(hidden: int, layers: int, n: int, P: int, C: int):

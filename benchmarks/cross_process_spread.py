@@ -48,8 +48,8 @@ if mode == "float32":  # the former accumulation: float32 sums over each sequenc
     import stepprobe.measure as M
     M.sequence_parts = sequence_parts
 import stepprobe as sp
-from stepprobe.checkpoint import load_checkpoint
-from stepprobe.update import replay_update
+from stepprobe.checkpoint.load import load_checkpoint
+from stepprobe.update.replay import replay_update
 ckpt = load_checkpoint(ckpt_dir)
 U, E = sp.Batch.load(d + "/U"), sp.Batch.load(d + "/E")
 upd = replay_update(ckpt, U)
@@ -58,7 +58,7 @@ m = sp.measure(ckpt, upd, E, ["entropy", "entropy_seq", "reward"], [0.5, 1.0, 2.
 t = m.table
 seq = sp.influence(ckpt, upd, E, "entropy", level="sequence", matrix=False, se=True).table
 tok = sp.influence(ckpt, upd, E, "entropy", level="token", matrix=False, se=False).table
-from stepprobe.demo.task import digit_reward, make_prompts
+from stepprobe.rollouts.arithmetic import digit_reward, make_prompts
 task = sp.Task([r["prompt"] for r in make_prompts(64, seed=5)], digit_reward)
 S = sp.sample_batch(ckpt, task, 8, 4, seed=7, filter_zero_advantage=False).table()
 print(json.dumps({**{c: t[c].tolist() for c in ("estimate", "se", "base")},
@@ -74,11 +74,11 @@ def main() -> None:
     ap.add_argument("--mode", default="both", choices=("both", "float32", "float64"))
     args = ap.parse_args()
 
-    from stepprobe.checkpoint import load_checkpoint
-    from stepprobe.demo.task import digit_reward, make_prompts
+    from stepprobe.checkpoint.load import load_checkpoint
     from stepprobe.demo.train import tiny_grpo_run
-    from stepprobe.rollouts import sample_batch
-    from stepprobe.tasks import Task
+    from stepprobe.rollouts.arithmetic import digit_reward, make_prompts
+    from stepprobe.rollouts.draw import sample_batch
+    from stepprobe.rollouts.tasks import Task
 
     root = Path(tempfile.mkdtemp())
     run = tiny_grpo_run(root / "run", steps=2, hidden_size=64, max_completion_length=16)

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 import stepprobe
-from stepprobe.linearity import fit
+from stepprobe.stats.linearity import fit
 
 ETAS = (0.05, 0.25, 0.5, 1.0, 2.0, 4.0)  # 0.05: the near-0 check (SNIS -> linear)
 QUANTITIES = ("entropy", "entropy_seq", "reward")
@@ -73,13 +73,13 @@ def run_checkpoint(ckpt_dir: Path, task, args) -> dict:
             "linear_share": f["linear_share"], "nonlinear": f["nonlinear"],
         })  # fmt: skip
     it = inf.table
-    full, base = inf.full[0], inf.baseline[0]
+    full, base = inf.step("full").estimate, inf.step("baseline").estimate
     seq_sum = float(it.influence.sum())
     has = it.advantage.abs() > 0
     infl = {
         "checkpoint": ckpt.step,
         "dH_full": full,
-        "dH_full_se": inf.full[1],
+        "dH_full_se": inf.step("full").se,
         "dH_baseline": base,
         "dH_grad": full - base,
         "sum_seq": seq_sum,

@@ -34,12 +34,13 @@ import time
 
 import torch
 
-from stepprobe.batch import Batch
-from stepprobe.forward import score_batch
-from stepprobe.influence import per_sequence_gradients, score_gradient
-from stepprobe.measure import forward_parts, shifted
-from stepprobe.precision import chunk_size, sequence_bytes, weight_dtype
-from stepprobe.quantities import get_quantities
+from stepprobe.core.batch import Batch
+from stepprobe.core.memory import chunk_size, sequence_bytes
+from stepprobe.core.precision import weight_dtype
+from stepprobe.core.scoring import score_batch
+from stepprobe.estimators.gradients import per_sequence_gradients, score_gradient
+from stepprobe.estimators.params import shifted
+from stepprobe.estimators.quantities import forward_parts, get_quantities
 
 QWEN25_05B = dict(  # Qwen/Qwen2.5-0.5B config.json
     vocab_size=151936,

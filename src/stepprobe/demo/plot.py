@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..errors import StepprobeError
+from ..core.errors import StepprobeError
+from ..core.io import write_figure
+from .layout import PLOT_FILE, checkpoint_dirs
 
 
 def log_history(run_dir: str | Path) -> list[dict]:
     """Per-step log rows of a run (from its last checkpoint's trainer_state.json)."""
-    from .train import checkpoint_dirs
-
     ckpts = checkpoint_dirs(run_dir)
     if not ckpts:
         raise StepprobeError(f"{run_dir}: no checkpoint-<step> directories; train the run first")
@@ -30,8 +29,6 @@ def plot_run(run_dir: str | Path, out_file: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .train import PLOT_FILE, checkpoint_dirs
 
     run_dir = Path(run_dir)
     rows = log_history(run_dir)
@@ -53,8 +50,4 @@ def plot_run(run_dir: str | Path, out_file: str | Path | None = None) -> Path:
     ax.set_title(f"{run_dir.name}: entropy and reward from trainer_state.json")
     fig.tight_layout()
     out_file = Path(out_file) if out_file is not None else run_dir / PLOT_FILE
-    tmp = out_file.with_name(out_file.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_file)
-    return out_file
+    return write_figure(out_file, fig, dpi=110)

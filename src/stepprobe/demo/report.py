@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .layout import checkpoint_dirs
 from .plot import log_history
-from .train import checkpoint_dirs
 
 
 def checkpoint_rows(run_dir: str | Path, window: int = 5) -> list[dict]:

@@ -11,15 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import StepprobeError
-from .train import (
-    META_FILE,
-    PLOT_FILE,
-    build_warm_base,
-    checkpoint_dirs,
-    train_demo,
-    use_demo_threads,
-)
+from ..core.errors import StepprobeError
+from ..study import demo_config
+from ..study.runner import run_study
+from .layout import META_FILE, PLOT_FILE, checkpoint_dirs
+from .report import render_table
+from .train import build_warm_base, train_demo, use_demo_threads
 
 VARIANTS = {"full": False, "lora": True}
 
@@ -76,8 +73,6 @@ def ensure_runs(out: str | Path, variants=("full", "lora"), seed: int = 0, log=p
 
 
 def summarise(runs: dict, console) -> None:
-    from .report import render_table
-
     for name, run_dir in runs.items():
         console.print(render_table(run_dir, title=f"demo run '{name}': {run_dir}"))
         console.print(f"plot: {run_dir / PLOT_FILE}")
@@ -85,8 +80,6 @@ def summarise(runs: dict, console) -> None:
 
 def study(run_dir: Path, out: Path, console) -> Path:
     """The default study (``stepprobe.study.demo_config``) of one demo run; returns report.md."""
-    from ..study import demo_config, run_study
-
     t0 = time.perf_counter()
     console.print(f"study of {run_dir} -> {out} (resumes if interrupted)")
     report = run_study(demo_config(run_dir), out)

@@ -11,7 +11,6 @@ Run directory layout (`train_demo`)::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -21,13 +20,15 @@ from typing import Any
 
 import torch
 
-from ..errors import StepprobeError
-from . import task as task_mod
+from ..core.errors import StepprobeError
+from ..core.io import write_json
+from ..rollouts import arithmetic
+from .layout import META_FILE, PLOT_FILE, checkpoint_dirs
 from .model import build_model, build_tokenizer, save_base
+from .plot import plot_run
 from .warmup import exact_accuracy, warmup
 
-META_FILE = "stepprobe_demo.json"
-PLOT_FILE = "entropy_reward.png"
+__all__ = ["META_FILE", "PLOT_FILE", "checkpoint_dirs", "train_demo", "tiny_grpo_run"]
 # Dense early: most of the entropy drop happens in the first 50-100 steps.
 DEMO_SAVE_AT = (10, 25, 50, 100, 200, 300)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,12 +44,6 @@ class GRPORun:
     @property
     def checkpoints(self) -> list[Path]:
         return checkpoint_dirs(self.out)
-
-
-def checkpoint_dirs(out: str | Path) -> list[Path]:
-    """`checkpoint-<step>` dirs of a run, sorted by step."""
-    dirs = [p for p in Path(out).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def _save_at_callback(steps):
@@ -78,12 +73,6 @@ def use_demo_threads(threads: int | None = None) -> int:
     threads = threads or int(os.environ.get("STEPPROBE_DEMO_THREADS", "1"))
     torch.set_num_threads(threads)
     return threads
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def run_grpo(
@@ -140,7 +129,7 @@ def run_grpo(
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     trainer = (trainer_cls or GRPOTrainer)(
         model=str(base_dir),
-        reward_funcs=reward_funcs or [task_mod.reward],
+        reward_funcs=reward_funcs or [arithmetic.reward],
         args=args,
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
@@ -247,13 +236,15 @@ def train_demo(
     grpo.update(grpo_overrides)
     save_at = sorted({s for s in save_at if s <= steps} | {steps})
     n_prompts = steps * grpo["per_device_train_batch_size"] // grpo["num_generations"]
-    records = task_mod.make_prompts(n_prompts, seed=prompts_seed)
+    records = arithmetic.make_prompts(n_prompts, seed=prompts_seed)
     meta = dict(
-        task=task_mod.TASK_NAME,
-        reward="stepprobe.demo.task:reward",
+        task=arithmetic.TASK_NAME,
+        reward="stepprobe.rollouts.arithmetic:reward",
         prompt_format="plain",  # "a+b=" strings; tokenizer prepends <s>; no chat template
         chat_template=False,
-        prompts=dict(n=n_prompts, seed=prompts_seed, generator="stepprobe.demo.task:make_prompts"),
+        prompts=dict(
+            n=n_prompts, seed=prompts_seed, generator="stepprobe.rollouts.arithmetic:make_prompts"
+        ),
         seed=seed,
         lora=lora,
         base_dir=os.path.relpath(base_dir, out),
@@ -262,14 +253,12 @@ def train_demo(
         save_at=save_at,
         status="training",
     )
-    write_json_atomic(out / META_FILE, meta)
+    write_json(out / META_FILE, meta)
     t0 = time.perf_counter()
     run_grpo(base_dir, out, records, save_at=save_at, lora=lora, seed=seed, **grpo)
     meta.update(status="done", grpo_seconds=round(time.perf_counter() - t0, 1))
-    write_json_atomic(out / META_FILE, meta)
+    write_json(out / META_FILE, meta)
     if plot:
-        from .plot import plot_run
-
         plot_run(out)
     return out
 
@@ -290,7 +279,7 @@ def tiny_grpo_run(
 ) -> GRPORun:
     """A seconds-long GRPO run on an untrained tiny model, a checkpoint after every step.
 
-    For tests. The default reward is `task.digit_reward` (the share of digit characters):
+    For tests. The default reward is `arithmetic.digit_reward` (the share of digit characters):
     an untrained model never sums correctly, and mixed rewards are needed for non-zero
     advantages. `capture_trainer_cls`: a GRPOTrainer subclass (e.g. one recording the
     inputs of compute_loss); it is reachable as the returned `GRPORun.trainer`. Extra
@@ -315,12 +304,12 @@ def tiny_grpo_run(
     settings.update(config)
     # A fixed dataset: its size sets the sampler's shuffle, so runs of different lengths
     # with the same seed share their first steps.
-    records = task_mod.make_prompts(64, seed=seed + 1)
+    records = arithmetic.make_prompts(64, seed=seed + 1)
     return run_grpo(
         base_dir,
         out,
         records,
-        reward_funcs=reward_funcs or [task_mod.digit_reward],
+        reward_funcs=reward_funcs or [arithmetic.digit_reward],
         save_at=range(1, steps + 1),
         lora=lora,
         trainer_cls=capture_trainer_cls,

@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from .task import make_prompts
+from ..rollouts.arithmetic import make_prompts
 
 
 def _near_miss(answer: str, rng: random.Random) -> str:

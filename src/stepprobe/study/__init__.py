@@ -5,10 +5,10 @@ report = run_study(cfg, "runs/study")     # plan -> executor -> store -> report
 """
 
 from .config import StudyConfig, load_config, parse_config, template_text
-from .executor import Executor, InProcessExecutor, ProcessExecutor, get_executor
+from .executor import Executor, InProcessExecutor, ProcessExecutor
 from .plan import Trial, derive_seed, plan
 from .report import build_report
-from .runner import run_study
+from .runner import get_executor, run_study
 from .store import Store
 from .trial import TrialResult, run_trial
 

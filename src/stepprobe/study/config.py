@@ -17,41 +17,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import StepprobeError
+from ..core.config import format_errors
+from ..core.errors import StepprobeError
+from ..core.names import DEMO_RUN_FILE, DIRECTIONS, ESTIMATORS, PRECISIONS, QUANTITIES
+from ..core.userfn import load_callable, resolve_spec
+from ..rollouts.config import EvalSampleConfig, SampleConfig
+from ..rollouts.tasks import TASKS
+from ..variants.config import RemovalConfig
+from ..variants.objectives import PRESETS, parse_variant
 
-# Names as stepprobe.quantities.QUANTITIES spells them (a test keeps the two in step).
-QUANTITIES = ("entropy", "entropy_seqmean", "entropy_seq", "reward")
-ESTIMATORS = ("snis", "linear")
-DIRECTIONS = ("full", "baseline", "grad")
-PRECISIONS = ("float32", "float64", "bfloat16", "float16")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BatchSpec(_Strict):
-    """How one batch is drawn: ``prompts`` prompts x ``per_prompt`` completions each.
-
-    For the update batch both default to the run's own optimizer step (study/preflight.py:
-    per_prompt = num_generations, prompts = the step's completions / per_prompt).
-    """
-
-    prompts: int | None = Field(None, gt=0)
-    per_prompt: int | None = Field(None, gt=0)
-    # TRL's GRPOTrainer trains on unfiltered batches: zero-advantage groups add no gradient
-    # but count in the loss normaliser, so filtering U takes a larger step than the run did.
-    filter_zero_advantage: bool = False
-    max_resample: int = Field(8, ge=0)  # resampling rounds for groups filtered out
-
-
-class EvalSpec(BatchSpec):
-    """The evaluation batch measures Q under the policy itself: no filtering by default."""
-
-    prompts: int = Field(gt=0)
-    per_prompt: int = Field(gt=0)
-    filter_zero_advantage: bool = False
 
 
 class InfluenceSpec(_Strict):
@@ -61,21 +40,6 @@ class InfluenceSpec(_Strict):
     token: bool = True
     se: bool = True  # standard errors of per-sequence influences (per-eval-sequence gradients)
     quantities: list[Literal[QUANTITIES]] | None = None  # type: ignore[valid-type]  # None: all of the study's
-
-
-class RemovalSpec(_Strict):
-    """The removal check (MATH.md §3 read interventionally): drop the k update sequences
-    (and, separately, k tokens) with the most negative first-order entropy influence,
-    replay, measure the true ΔH; ``random`` draws of k random ones are the control."""
-
-    sequences: int = Field(0, ge=0)  # k sequences (0: no sequence check)
-    tokens: int = Field(0, ge=0)  # k tokens (0: no token check)
-    random: int = Field(1, ge=0)  # random controls per level
-    quantity: Literal[QUANTITIES] = "entropy"  # type: ignore[valid-type]
-
-    @property
-    def enabled(self) -> bool:
-        return self.sequences > 0 or self.tokens > 0
 
 
 class ReportSpec(_Strict):
@@ -96,8 +60,9 @@ class StudyConfig(_Strict):
     reference_model: str | None = None
     task: str
     task_options: dict[str, Any] = {}
-    update: BatchSpec = BatchSpec()  # default: the run's own optimizer step
-    evaluation: EvalSpec = EvalSpec(prompts=16, per_prompt=4)
+    # default: the run's own optimizer step (study/preflight.py fills the sizes in)
+    update: SampleConfig = SampleConfig()
+    evaluation: EvalSampleConfig = EvalSampleConfig(prompts=16, per_prompt=4)
     repeats: int = Field(gt=0)
     etas: list[float] = Field(default=[0.5, 1.0, 2.0], min_length=1)
     quantities: list[Literal[QUANTITIES]] = Field(default=["entropy", "reward"], min_length=1)  # type: ignore[valid-type]
@@ -109,7 +74,7 @@ class StudyConfig(_Strict):
     # Update-rule variants replayed on each trial's U and measured on its E (paired with the
     # run's own rule): specs as stepprobe.variants.parse_variant takes them.
     variants: list[str | dict[str, Any]] = []
-    removal: RemovalSpec = RemovalSpec()
+    removal: RemovalConfig = RemovalConfig()
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
@@ -158,16 +123,13 @@ class StudyConfig(_Strict):
     @field_validator("variants")
     @classmethod
     def _variants(cls, v: list) -> list:
-        from ..variants.objectives import PRESETS, parse_variant
-        from ..variants.rules import load_callable
-
         names = []
         for i, spec in enumerate(v):
             try:
                 var = parse_variant(spec)
                 fn = var.params.get("fn") if var.kind == "weights" else None
                 if isinstance(fn, str):  # import the user's weight function now, not mid-study
-                    load_callable(fn)
+                    load_callable(fn, what="weight function", dotted=True)
             except StepprobeError as e:
                 presets = "" if "preset" in str(e) else f" (presets: {', '.join(sorted(PRESETS))})"
                 raise ValueError(f"entry {i} ({spec!r}) is not a variant: {e}{presets}") from None
@@ -213,22 +175,8 @@ class StudyConfig(_Strict):
 
 # ---------------------------------------------------------------------- loading
 def _format_errors(e: ValidationError, source: str) -> str:
-    lines = []
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        elif err["type"] == "missing":
-            lines.append(f"missing required key '{key}'")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = f" (got {err.get('input')!r})" if err["loc"] else ""
-            lines.append(f"'{key}': {msg}{got}")
-    allowed = ", ".join(StudyConfig.model_fields)
-    return (
-        f"{source}: invalid study config:\n  "
-        + "\n  ".join(lines)
-        + f"\n  (top-level keys: {allowed})"
+    return format_errors(
+        e, source, "study config", list(StudyConfig.model_fields), "top-level keys"
     )
 
 
@@ -289,8 +237,6 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
 def resolve_task_options(options: dict[str, Any], base: Path) -> dict[str, Any]:
     """User functions (``reward``, a ``correct`` verifier) found where users keep them: a
     module next to the config file, or a file path relative to it (userfn.resolve_spec)."""
-    from ..userfn import resolve_spec
-
     out = dict(options)
     for key in ("reward", "correct"):
         if isinstance(out.get(key), str):
@@ -312,15 +258,11 @@ def resolve_model_dir(key: str, entry: str, base: Path) -> str:
 def resolve_task(task: str, base: Path) -> str:
     """A built-in task name as is; a dataset file or demo run directory made absolute
     (relative to ``base``)."""
-    from ..tasks import TASKS
-
     if task in TASKS:
         return task
     p = Path(task).expanduser()
     p = p if p.is_absolute() else base / p
-    if p.is_file() or (
-        p.is_dir() and any((d / "stepprobe_demo.json").is_file() for d in (p, p.parent))
-    ):
+    if p.is_file() or (p.is_dir() and any((d / DEMO_RUN_FILE).is_file() for d in (p, p.parent))):
         return str(p.resolve())
     raise StepprobeError(
         f"task: '{task}' is neither a built-in task ({', '.join(sorted(TASKS))}), a dataset "

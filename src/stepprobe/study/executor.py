@@ -3,7 +3,8 @@
 An executor takes the trial body (a picklable top-level function Trial -> TrialResult)
 and the trials still to run, and yields (trial, result) pairs as they finish, in any
 order; the driver writes each result through the store as it arrives. A distributed
-executor (Ray) implements the same ``run`` method. ``on_stage(trial_id, stage)``, when
+executor (Ray, ray_executor.py) implements the same ``run`` method; runner.get_executor
+picks one by name. ``on_stage(trial_id, stage)``, when
 given, hears each stage of a trial as it starts (trial.set_stage_hook), for progress.
 """
 
@@ -15,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Protocol
 
-from ..errors import StepprobeError
 from . import trial as trial_mod
 from .plan import Trial
 from .trial import TrialResult
@@ -84,20 +84,3 @@ def _drain(q, on_stage) -> None:
             on_stage(*q.get_nowait())
         except queue_mod.Empty:
             return
-
-
-def _ray_executor(**kwargs) -> Executor:
-    from .ray_executor import RayExecutor  # ray itself is imported only when a study runs
-
-    return RayExecutor(**kwargs)
-
-
-EXECUTORS = {"inprocess": InProcessExecutor, "process": ProcessExecutor, "ray": _ray_executor}
-
-
-def get_executor(name: str, **kwargs) -> Executor:
-    if name not in EXECUTORS:
-        raise StepprobeError(
-            f"--executor: unknown executor {name!r}; available: {', '.join(EXECUTORS)}"
-        )
-    return EXECUTORS[name](**kwargs)

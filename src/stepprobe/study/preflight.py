@@ -23,13 +23,23 @@ group size or step size is warned about.
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import StepprobeError
-from .config import StudyConfig
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from ..checkpoint.reference import reference_path
+from ..checkpoint.settings import TRAINING_ARGS, resolve_settings, run_step
+from ..core.errors import StepprobeError
+from ..rollouts.draw import check_sampling, tokenize_prompts
+from ..rollouts.rewards import reward_call_problem
+from ..rollouts.tasks import get_task, task_options
+from .config import StudyConfig, _format_errors
 
 # config.json keys that make two models the same architecture (a reference of another
 # size or family cannot be this run's reference).
@@ -119,8 +129,6 @@ def _json(path: Path):
 
 def _safetensors_header(path: Path) -> list[str]:
     """The tensor names, from the header alone (no tensor is read)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -160,8 +168,6 @@ def _weights(pf: Preflight, ckpt: Path, cfg: StudyConfig) -> tuple[bool, Path | 
 
 def _scheduler_lr(path: Path) -> float | None:
     """The lr the scheduler gives the next step (scheduler.pt's last lr, group 0)."""
-    import torch
-
     try:
         sch = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
@@ -170,56 +176,6 @@ def _scheduler_lr(path: Path) -> float | None:
         ) from None
     last = sch.get("_last_lr") if isinstance(sch, dict) else None
     return float(last[0]) if last else None
-
-
-# ---------------------------------------------------------------------- the run's step
-def run_step(raw: dict) -> dict:
-    """The completions one optimizer step consumed, as TRL counts them, with sources.
-
-    ``raw``: the attributes of training_args.bin (checkpoint.read_training_args).
-    """
-    src = "training_args.bin"
-    need = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations")
-    missing = [k for k in need if raw.get(k) is None]
-    if missing:
-        raise StepprobeError(f"{src} has no {missing}: not a GRPO run's settings")
-    b, ga, g = (int(raw[k]) for k in need)
-    spg = raw.get("steps_per_generation") or ga
-    gbs = raw.get("generation_batch_size")
-    state = raw.get("distributed_state")
-    n_state = getattr(state, "num_processes", None) if state is not None else None
-    n_gbs = gbs / (b * spg) if gbs else None
-    if n_state is not None:
-        world, world_src = int(n_state), f"{src}: distributed_state.num_processes"
-    elif n_gbs is not None and float(n_gbs).is_integer():
-        world = int(n_gbs)
-        world_src = (
-            f"{src}: generation_batch_size {gbs} / (per_device_train_batch_size {b} x "
-            f"steps_per_generation {spg})"
-        )
-    else:
-        world, world_src = 1, f"assumed 1: {src} records no process count"
-    completions = b * ga * world
-    out = {
-        "completions": completions,
-        "num_generations": g,
-        "per_device_train_batch_size": b,
-        "gradient_accumulation_steps": ga,
-        "steps_per_generation": int(spg),
-        "world_size": world,
-        "sources": {
-            "per_device_train_batch_size": src,
-            "gradient_accumulation_steps": src,
-            "num_generations": src,
-            "world_size": world_src,
-        },
-    }
-    if n_state is not None and n_gbs is not None and n_gbs != n_state:
-        out["world_size_conflict"] = (
-            f"distributed_state.num_processes = {n_state} but generation_batch_size {gbs} / "
-            f"({b} x {spg}) = {n_gbs:g}"
-        )
-    return out
 
 
 def _describe_step(s: dict) -> str:
@@ -233,9 +189,6 @@ def _describe_step(s: dict) -> str:
 
 # ---------------------------------------------------------------------- per checkpoint
 def _checkpoint(pf: Preflight, ckpt: Path, cfg: StudyConfig) -> None:
-    from ..checkpoint import TRAINING_ARGS, resolve_settings
-    from ..rollouts import _check_sampling
-
     name = ckpt.name
     info: dict = {"path": str(ckpt)}
     pf.checkpoints[name] = info
@@ -286,7 +239,7 @@ def _checkpoint(pf: Preflight, ckpt: Path, cfg: StudyConfig) -> None:
             raise StepprobeError(
                 f"optim '{settings.optim}' is not supported; expected adamw_torch or adamw_torch_fused"
             )
-        _check_sampling({**raw, **settings.to_dict()})
+        check_sampling({**raw, **settings.to_dict()})
     except StepprobeError as e:
         pf.add("settings", ckpt / TRAINING_ARGS, "error", str(e))
         return
@@ -307,8 +260,6 @@ def _checkpoint(pf: Preflight, ckpt: Path, cfg: StudyConfig) -> None:
 
 
 def _reference(pf, ckpt: Path, cfg: StudyConfig, is_lora, arch_dir, raw, info) -> None:
-    from ..reference import reference_path
-
     beta = info["beta"]
     try:
         ref, source = reference_path(ckpt, cfg.reference_model, is_lora)
@@ -356,8 +307,6 @@ def _reference(pf, ckpt: Path, cfg: StudyConfig, is_lora, arch_dir, raw, info) -
 
 # ---------------------------------------------------------------------- task
 def _task(pf: Preflight, cfg: StudyConfig, first_ckpt: Path | None):
-    from ..tasks import get_task, reward_call_problem, task_options
-
     opts = dict(cfg.task_options)
     try:
         allowed = task_options(cfg.task)
@@ -408,9 +357,7 @@ def _task(pf: Preflight, cfg: StudyConfig, first_ckpt: Path | None):
 
 def _tokenizer(pf: Preflight, task, ckpt: Path, cfg: StudyConfig) -> None:
     """The first prompt through the checkpoint's tokenizer, as the sampler will do it."""
-    from transformers import AutoTokenizer
-
-    from ..rollouts import tokenize_prompts
+    from transformers import AutoTokenizer  # heavy: only when a tokenizer is checked
 
     where = ckpt if (ckpt / "tokenizer_config.json").is_file() else Path(cfg.base_model or ckpt)
     try:
@@ -430,8 +377,6 @@ def _tokenizer(pf: Preflight, task, ckpt: Path, cfg: StudyConfig) -> None:
 
 
 def _closest(word: str, options: list[str]) -> str | None:
-    import difflib
-
     hit = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return hit[0] if hit else None
 
@@ -490,10 +435,6 @@ def _update_defaults(pf: Preflight, cfg: StudyConfig) -> StudyConfig:
 
 
 def _with_update(pf: Preflight, cfg: StudyConfig, prompts: int, per_prompt: int):
-    from pydantic import ValidationError
-
-    from .config import _format_errors
-
     data = cfg.model_dump()
     data["update"] = {**data["update"], "prompts": prompts, "per_prompt": per_prompt}
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from ..errors import StepprobeError
+from ..core.errors import StepprobeError
 from .executor import Body
 from .plan import Trial
 from .trial import TrialResult

@@ -12,13 +12,28 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import StepprobeError
-from ..logs import console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..core.errors import StepprobeError
+from ..core.io import write_json
+from ..core.logs import EventLog, console, event
 from . import trial as trial_mod
 from .config import StudyConfig, load_config
-from .executor import Executor, InProcessExecutor
+from .executor import Executor, InProcessExecutor, ProcessExecutor
 from .plan import plan
-from .store import Store, write_json
+from .preflight import preflight
+from .ray_executor import RayExecutor
+from .report import build_report
+from .store import Store
+
+EXECUTORS = {"inprocess": InProcessExecutor, "process": ProcessExecutor, "ray": RayExecutor}
 
 _PACKAGES = (
     "stepprobe",
@@ -52,8 +67,6 @@ def run_study(
     wrote. Safe to interrupt at any point (kill -9 included) and rerun: finished trials are
     kept, the rest run, and the final tables equal an uninterrupted run's.
     """
-    from .preflight import preflight
-
     source = "study config" if isinstance(config, StudyConfig) else str(config)
     cfg = config if isinstance(config, StudyConfig) else load_config(config)
     out = Path(out)
@@ -93,9 +106,16 @@ def _clear(out: Path, keep_dir: bool) -> None:
             p.unlink(missing_ok=True)
 
 
-def _run(cfg, out: Path, executor, force, progress, body, report, pf) -> Path:
-    from ..logs import EventLog, event
+def get_executor(name: str, **kwargs) -> Executor:
+    """An executor by name: inprocess, process (``workers``) or ray (RayExecutor's options)."""
+    if name not in EXECUTORS:
+        raise StepprobeError(
+            f"--executor: unknown executor {name!r}; available: {', '.join(EXECUTORS)}"
+        )
+    return EXECUTORS[name](**kwargs)
 
+
+def _run(cfg, out: Path, executor, force, progress, body, report, pf) -> Path:
     store = Store.open(out, cfg, force=force)
     events = EventLog(out / "events.jsonl")
     trials = plan(cfg)
@@ -140,8 +160,6 @@ def _run(cfg, out: Path, executor, force, progress, body, report, pf) -> Path:
     write_json(out / "summary.json", summary)
     events.emit("study", f"{len(todo)} trial(s) ran in {elapsed:.1f} s", seconds=elapsed)
     if report:
-        from .report import build_report
-
         return build_report(out)
     return out
 
@@ -182,15 +200,6 @@ def merged_log_history(checkpoints: list[str]) -> list[dict]:
 
 
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -6,7 +6,7 @@
     OUT/events.jsonl            the event log (logs.py): one JSON object per line
     OUT/{sequences,tokens,changes}.parquet, summary.json, log_history.json, report.md, plots/
 
-A trial is written into ``trials/.tmp-<id>-<pid>`` and renamed into place with os.replace,
+A trial is written into ``trials/.<id>.tmp-<pid>`` and renamed into place (core/io.py),
 so after a kill -9 a trial is either complete or absent (leftover temp dirs are removed on
 the next open). The assembled tables are always rebuilt from the trial directories in plan
 order, so an interrupted-and-resumed study gives the same tables as an uninterrupted one.
@@ -21,22 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import StepprobeError
+from ..core.errors import StepprobeError
+from ..core.io import atomic_dir, write_json, write_parquet
 from .config import StudyConfig
 from .plan import Trial
 from .trial import TABLES, TrialResult
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 class Store:
@@ -79,8 +68,8 @@ class Store:
                 f"{store.out} exists and is not a stepprobe study directory (no study.json); choose an empty or new --out"
             )
         store.trials_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in store.trials_dir.glob(".tmp-*"):  # a write killed half-way
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in [*store.trials_dir.glob(".*.tmp-*"), *store.trials_dir.glob(".tmp-*")]:
+            shutil.rmtree(tmp, ignore_errors=True)  # a write killed half-way
         for tmp in store.out.glob(".*.tmp-*"):  # an assembled table or json killed half-way
             tmp.unlink(missing_ok=True)
         if force:
@@ -106,12 +95,8 @@ class Store:
 
     def write_trial(self, trial: Trial, result: TrialResult) -> Path:
         final = self.trials_dir / trial.trial_id
-        tmp = self.trials_dir / f".tmp-{trial.trial_id}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for name in TABLES:  # a body may leave out tables it has no rows for (removal)
-            result.tables.get(name, pd.DataFrame()).to_parquet(tmp / f"{name}.parquet", index=False)
+        if final.exists():  # a duplicate delivery (a retried trial): results are identical
+            return final
         info = {
             "trial_id": trial.trial_id,
             "checkpoint": trial.checkpoint,
@@ -122,13 +107,12 @@ class Store:
             "info": result.info,
             "timings": result.timings,
         }
-        (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-        _fsync_dir(tmp)
-        if final.exists():  # a duplicate delivery (a retried trial): results are identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-            _fsync_dir(self.trials_dir)
+        with atomic_dir(final, fsync=True) as tmp:
+            for name in TABLES:  # a body may leave out tables it has no rows for (removal)
+                result.tables.get(name, pd.DataFrame()).to_parquet(
+                    tmp / f"{name}.parquet", index=False
+                )
+            (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
         return final
 
     def read_info(self, trial_id: str) -> dict:
@@ -153,19 +137,6 @@ class Store:
             write_parquet(self.out / f"{name}.parquet", df)
             out[name] = df
         return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _changed_keys(old: dict, new: dict) -> list[str]:

@@ -15,16 +15,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
+from ..checkpoint.load import load_checkpoint
+from ..checkpoint.precision import apply_precision
+from ..core.logs import event
+from ..core.precision import accumulation_dtype, weight_dtype
+from ..estimators.influence import influence
+from ..estimators.measure import Measurement, measure
+from ..rollouts.draw import sample_batch
+from ..rollouts.tasks import get_task
+from ..update.replay import replay_update
+from ..variants.objectives import parse_variant, prepare
+from ..variants.removal import removal_check
 from .plan import Trial
 
 TABLES = ("sequences", "tokens", "changes", "removal")
-_TORCH_DTYPES = {
-    "float32": "float32",
-    "float64": "float64",
-    "bfloat16": "bfloat16",
-    "float16": "float16",
-}
 
 
 @dataclass
@@ -61,20 +67,15 @@ _CACHE: dict = {}
 
 
 def _checkpoint(trial: Trial):
-    import torch
-
-    sp = _api()
     cfg = trial.config
     models = (cfg.get("base_model"), cfg.get("reference_model"))
     key = (trial.checkpoint, *models, cfg["precision"], cfg["device"])
     if key not in _CACHE:
         _CACHE.clear()
-        from ..precision import accumulation_dtype, apply_precision
-
-        dtype = getattr(torch, _TORCH_DTYPES[cfg["precision"]])
+        dtype = weight_dtype(cfg["precision"])
         # Loaded in the accumulation dtype, then the weights cast: AdamW moments stay float32
         # for bf16/fp16 weights, and move to the device with the model (precision.py).
-        ckpt = sp.load_checkpoint(
+        ckpt = load_checkpoint(
             trial.checkpoint,
             base_model=models[0],
             reference_model=models[1],
@@ -101,8 +102,6 @@ def _with_ids(df: pd.DataFrame, ids: dict) -> pd.DataFrame:
 
 def _sequence_features(batch, role: str) -> pd.DataFrame:
     """Batch.table() plus the regression features: token probability mean and minimum."""
-    import torch
-
     df = batch.table()
     df.insert(0, "role", role)
     if batch.token_logps is not None:
@@ -115,8 +114,8 @@ def _sequence_features(batch, role: str) -> pd.DataFrame:
     return df
 
 
-def _sample(sp, ckpt, task, spec: dict, seed: int):
-    return sp.sample_batch(
+def _sample(ckpt, task, spec: dict, seed: int):
+    return sample_batch(
         ckpt,
         task,
         prompts=spec["prompts"],
@@ -134,61 +133,23 @@ def _token_text(ckpt, ids: pd.Series) -> list[str]:
     return [str(t) for t in tok.convert_ids_to_tokens([int(i) for i in ids])]
 
 
-def _api():
-    """The public API, gathered in one namespace (the trial's only view of the package)."""
-    from types import SimpleNamespace
-
-    from ..checkpoint import load_checkpoint
-    from ..influence import influence
-    from ..measure import measure
-    from ..rollouts import sample_batch
-    from ..tasks import get_task
-    from ..update import replay_update
-
-    return SimpleNamespace(
-        load_checkpoint=load_checkpoint,
-        get_task=get_task,
-        sample_batch=sample_batch,
-        replay_update=replay_update,
-        measure=measure,
-        influence=influence,
-    )
-
-
-def _variant_changes(sp, ckpt, U, E, spec, cfg: dict) -> pd.DataFrame:
+def _variant_changes(ckpt, U, E, spec, cfg: dict) -> pd.DataFrame:
     """ΔQ of one update-rule variant on the trial's own U and E (paired with the run's rule):
     its own gradient, clip factor and Adam denominator, full direction only."""
-    from ..variants import parse_variant, prepare
-
     v = parse_variant(spec)
-    vupd = prepare(v, ckpt.model, U, ckpt.settings).replay(ckpt)
-    ests = cfg["estimators"]
-    m = sp.measure(
-        ckpt,
-        vupd,
-        E,
-        quantity=list(cfg["quantities"]),
-        etas=cfg["etas"],
-        estimator="both" if len(ests) == 2 else ests[0],
-        directions=["full"],
-    )
-    tab = m.table.copy()
+    vupd = prepare(v, ckpt.model, U, ckpt.settings, ckpt.framework).replay(ckpt)
+    tab = _measure(ckpt, vupd, E, cfg, ["full"]).table.copy()
     tab["variant"] = v.name
     return tab
 
 
-def _removal(ckpt, U, E, upd, seqs, toks, ch, cfg: dict, seed: int) -> pd.DataFrame:
-    """compare.removal_check at η = 1 for each enabled level, reusing the trial's update,
-    its full-update ΔQ at η = 1 and (when recorded for the quantity) its influences, so
-    nothing is computed twice."""
-    from ..variants.compare import ESTIMATORS, removal_check
-
+def _removal(ckpt, U, E, upd, seqs, toks, m, cfg: dict, seed: int) -> pd.DataFrame:
+    """removal_check at η = 1 for each enabled level, reusing the trial's update, its
+    measurement (ΔQ at η = 1 with the SNIS values) and (when recorded for the quantity) its
+    influences, so nothing is computed twice."""
     spec = cfg.get("removal") or {}
     q = spec.get("quantity", "entropy")
     col = f"influence_{q}"
-    at1 = ch[(ch["quantity"] == q) & (ch["direction"] == "full") & np.isclose(ch["eta"], 1.0)]
-    est = at1.set_index("estimator")["estimate"]
-    full = tuple(float(est[e]) for e in ESTIMATORS) if set(ESTIMATORS) <= set(est.index) else None
     out = []
     for level in ("sequence", "token"):
         k = int(spec.get(f"{level}s", 0))
@@ -196,10 +157,10 @@ def _removal(ckpt, U, E, upd, seqs, toks, ch, cfg: dict, seed: int) -> pd.DataFr
             continue
         known = None
         if level == "token" and col in toks:
-            known = toks[["seq", "pos", col]].rename(columns={col: "influence"})
+            known = toks[["seq", "pos", col]].rename(columns={col: "estimate"})
         elif level == "sequence" and col in seqs:
             known = seqs[seqs["role"] == "update"][["seq", col]]
-            known = known.rename(columns={col: "influence"}).reset_index(drop=True)
+            known = known.rename(columns={col: "estimate"}).reset_index(drop=True)
         out.append(
             removal_check(
                 ckpt,
@@ -213,8 +174,8 @@ def _removal(ckpt, U, E, upd, seqs, toks, ch, cfg: dict, seed: int) -> pd.DataFr
                 n_random=int(spec.get("random", 1)),
                 update=upd,
                 influences=known,
-                full=full,
-            )
+                full=m,
+            ).table  # fmt: skip
         )
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
@@ -242,8 +203,6 @@ class _Stages:
 
 
 def _sampling_event(batch, role: str) -> dict:
-    from ..logs import event
-
     i = batch.info
     tried, disc = i.get("groups_tried", 0), i.get("groups_discarded", 0)
     nan, rounds = i.get("groups_dropped_nan", 0), i.get("resample_rounds", 0)
@@ -258,7 +217,6 @@ def _sampling_event(batch, role: str) -> dict:
 
 def _update_event(upd) -> dict:
     """Norms of the update (Δθ = lr v), its parts, the clip factor and the lr."""
-    from ..logs import event
 
     def norm(d) -> float:
         return math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values()))
@@ -284,8 +242,6 @@ def _update_event(upd) -> dict:
 def _ess_events(changes: pd.DataFrame) -> list[dict]:
     """SNIS effective sample size per (variant, direction, η), from the measured rows; a
     WARNING below ESS/M = ESS_WARN (few evaluation samples carry the estimate)."""
-    from ..logs import event
-
     need = {"estimator", "ess", "ess_frac", "max_weight_share"}
     if not len(changes) or not need <= set(changes.columns):
         return []
@@ -310,89 +266,90 @@ def _ess_events(changes: pd.DataFrame) -> list[dict]:
     return out
 
 
-def run_trial(trial: Trial) -> TrialResult:
-    """One replay: sample U and E, rebuild the update, measure changes and influences."""
-    import torch
-
-    from ..logs import event
-
-    sp = _api()
-
-    cfg = trial.config
-    clock = _Stages(trial)
-    events: list[dict] = []
-
-    clock.start("load")
-    torch.manual_seed(trial.update_seed)  # belt and braces: sample_batch seeds its own draws
-    ckpt = _checkpoint(trial)
-    task = sp.get_task(cfg["task"], **cfg.get("task_options", {}))
-    clock.start("sample_update")
-    U = _sample(sp, ckpt, task, cfg["update"], trial.update_seed)
-    events.append(_sampling_event(U, "update"))
-    clock.start("sample_eval")
-    E = _sample(sp, ckpt, task, cfg["evaluation"], trial.eval_seed)
-    events.append(_sampling_event(E, "evaluation"))
-    clock.start("update")
-    upd = sp.replay_update(ckpt, U)
-    events.append(_update_event(upd))
-    info = {"step": int(ckpt.step), "lr": float(upd.lr), "update_size": len(U), "eval_size": len(E)}
-    stats = (upd.stats or {}).items()
-    info.update({f"update_{k}": float(v) for k, v in stats if isinstance(v, int | float)})
-    info["correct"] = task.correct_definition
-    ids = _ids(trial, info)
-
-    # One measure call covers every quantity (their integrands share the forward passes).
-    clock.start("measure")
+def _measure(ckpt, upd, E, cfg: dict, directions) -> Measurement:
     ests = cfg["estimators"]
-    m = sp.measure(
-        ckpt,
-        upd,
-        E,
-        quantity=list(cfg["quantities"]),
-        etas=cfg["etas"],
-        estimator="both" if len(ests) == 2 else ests[0],
-        directions=cfg["directions"],
-    )
-    ch = m.table.copy()
+    return measure(ckpt, upd, E, quantity=list(cfg["quantities"]), etas=cfg["etas"],
+                   estimator="both" if len(ests) == 2 else ests[0], directions=directions)  # fmt: skip
 
-    clock.start("influence")
+
+def _influences(ckpt, upd, U, E, cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the sequences table: U's and E's rows with their features and influences, U's
+    token table with its influences), for each quantity the study records."""
     seqs = pd.concat(
         [_sequence_features(U, "update"), _sequence_features(E, "eval")], ignore_index=True
     )
     toks = U.token_table()
     toks["token"] = _token_text(ckpt, toks["token_id"])
     nan_e = [float("nan")] * len(E)
-    inf_opts = cfg["influence"]
-    for q in inf_opts.get("quantities") or cfg["quantities"]:
+    opts = cfg["influence"]
+    for q in opts.get("quantities") or cfg["quantities"]:
         tok_inf = None
-        if inf_opts["token"]:
-            inf = sp.influence(ckpt, upd, E, quantity=q, level="token", matrix=False, se=False)
+        if opts["token"]:
+            inf = influence(ckpt, upd, E, quantity=q, level="token", matrix=False, se=False)
             if not (inf.table["seq"].to_numpy() == toks["seq"].to_numpy()).all():
                 raise RuntimeError("token influence rows do not follow Batch.token_table() order")
-            tok_inf = inf.table["influence"].to_numpy()
+            tok_inf = inf.table["estimate"].to_numpy()
             toks[f"influence_{q}"] = tok_inf
-        if inf_opts["sequence"] and (inf_opts["se"] or tok_inf is None):
-            inf = sp.influence(
-                ckpt, upd, E, quantity=q, level="sequence", matrix=False, se=inf_opts["se"]
-            )
-            seqs[f"influence_{q}"] = list(inf.table["influence"].to_numpy()) + nan_e
+        if opts["sequence"] and (opts["se"] or tok_inf is None):
+            inf = influence(ckpt, upd, E, quantity=q, level="sequence", matrix=False, se=opts["se"])
+            seqs[f"influence_{q}"] = list(inf.table["estimate"].to_numpy()) + nan_e
             seqs[f"influence_{q}_se"] = list(inf.table["se"].to_numpy()) + nan_e
-        elif inf_opts["sequence"]:
+        elif opts["sequence"]:
             # Without standard errors, δQ_i = Σ_t δQ_{i,t} (MATH.md §3): the token jvp already
             # holds it, and per-sequence gradients (the costly part) are never built.
             per_seq = np.bincount(toks["seq"].to_numpy(), weights=tok_inf, minlength=len(U))
             seqs[f"influence_{q}"] = list(per_seq) + nan_e
+    return seqs, toks
 
+
+def _draw(trial: Trial, clock, events: list) -> tuple:
+    """(checkpoint, task, U, E, the update, the trial's info) with their events."""
+    cfg = trial.config
+    clock.start("load")
+    torch.manual_seed(trial.update_seed)  # belt and braces: sample_batch seeds its own draws
+    ckpt = _checkpoint(trial)
+    task = get_task(cfg["task"], **cfg.get("task_options", {}))
+    clock.start("sample_update")
+    U = _sample(ckpt, task, cfg["update"], trial.update_seed)
+    events.append(_sampling_event(U, "update"))
+    clock.start("sample_eval")
+    E = _sample(ckpt, task, cfg["evaluation"], trial.eval_seed)
+    events.append(_sampling_event(E, "evaluation"))
+    clock.start("update")
+    upd = replay_update(ckpt, U)
+    events.append(_update_event(upd))
+    info = {"step": int(ckpt.step), "lr": float(upd.lr), "update_size": len(U), "eval_size": len(E)}
+    stats = (upd.stats or {}).items()
+    info.update({f"update_{k}": float(v) for k, v in stats if isinstance(v, int | float)})
+    info["correct"] = task.correct_definition
+    return ckpt, U, E, upd, info
+
+
+def run_trial(trial: Trial) -> TrialResult:
+    """One replay: sample U and E, rebuild the update, measure changes and influences."""
+    cfg = trial.config
+    clock = _Stages(trial)
+    events: list[dict] = []
+    ckpt, U, E, upd, info = _draw(trial, clock, events)
+    ids = _ids(trial, info)
+
+    # One measure call covers every quantity (their integrands share the forward passes).
+    clock.start("measure")
+    m = _measure(ckpt, upd, E, cfg, cfg["directions"])
+    clock.start("influence")
+    seqs, toks = _influences(ckpt, upd, U, E, cfg)
+
+    ch = m.table.copy()
     ch["variant"] = "run"
     parts = [ch]
     if cfg.get("variants"):
         clock.start("variants")
-        for spec in cfg["variants"]:
-            parts.append(_variant_changes(sp, ckpt, U, E, spec, cfg))
+        parts += [_variant_changes(ckpt, U, E, spec, cfg) for spec in cfg["variants"]]
     ch = pd.concat(parts, ignore_index=True)
-    if (cfg.get("removal") or {}).get("sequences") or (cfg.get("removal") or {}).get("tokens"):
+    removal_spec = cfg.get("removal") or {}
+    if removal_spec.get("sequences") or removal_spec.get("tokens"):
         clock.start("removal")
-    removal = _removal(ckpt, U, E, upd, seqs, toks, parts[0], cfg, trial.update_seed)
+    removal = _removal(ckpt, U, E, upd, seqs, toks, m, cfg, trial.update_seed)
     events.extend(_ess_events(ch))
 
     lead = ["variant", "quantity", "estimator", "direction", "eta"]
@@ -400,19 +357,13 @@ def run_trial(trial: Trial) -> TrialResult:
     ch["lr"] = info["lr"]
     tables = {
         "sequences": _with_ids(seqs, ids),
-        "tokens": _with_ids(toks if inf_opts["token"] else toks.iloc[0:0], ids),
+        "tokens": _with_ids(toks if cfg["influence"]["token"] else toks.iloc[0:0], ids),
         "changes": _with_ids(ch, ids),
         "removal": _with_ids(removal, ids),
     }
     timings = clock.done()
-    events.append(
-        event(
-            "timings",
-            "stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
-            "DEBUG",
-            seconds=timings,
-        )  # fmt: skip
-    )
+    events.append(event("timings", "stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
+                        "DEBUG", seconds=timings))  # fmt: skip
     for ev in events:
         ev["trial"] = trial.trial_id
     return TrialResult(tables=tables, info=info, timings=timings, events=events)

@@ -1,38 +1,36 @@
 """Alternative update rules replayed from one checkpoint on one batch, compared paired.
 
-rules.py: the per-token definitions (Clip-Cov, KL-Cov, advantage reweighting, W-REINFORCE,
-user weights). objectives.py: a `Variant` turned into per-token losses on top of the run's
-own loss (loss.py), to hand to ``replay_update(..., objective=...)``. compare.py: paired
-ΔH/ΔJ per variant and the removal check of the attributions.
+rules (the per-token definitions: Clip-Cov, KL-Cov, advantage reweighting, W-REINFORCE,
+user weights), objectives (a `Variant` made into the run's Objective with one change),
+compare (paired ΔQ per variant), removal (the removal check of the attributions), plot
+(the exploration plot), config (VariantsConfig: `stepprobe variants`).
+
+The names below are imported on first use, so `stepprobe --help` stays light.
 """
 
-from .compare import Comparison, compare_variants, paired_differences, removal_check
-from .objectives import Variant, parse_variant, prepare
-from .rules import (
-    TokenState,
-    advantage_reweight,
-    clip_cov_weights,
-    kl_cov_penalty,
-    kl_cov_select,
-    load_callable,
-    token_covariance,
-    w_reinforce,
-)
+from importlib import import_module
 
-__all__ = [
-    "Comparison",
-    "Variant",
-    "compare_variants",
-    "paired_differences",
-    "parse_variant",
-    "prepare",
-    "removal_check",
-    "TokenState",
-    "advantage_reweight",
-    "clip_cov_weights",
-    "kl_cov_penalty",
-    "kl_cov_select",
-    "load_callable",
-    "token_covariance",
-    "w_reinforce",
-]
+_EXPORTS = {
+    "Comparison": "compare",
+    "compare_variants": "compare",
+    "run_variants": "compare",
+    "RemovalCheck": "removal",
+    "removal_check": "removal",
+    "Variant": "objectives",
+    "parse_variant": "objectives",
+    "prepare": "objectives",
+    "TokenState": "rules",
+    "advantage_reweight": "rules",
+    "clip_cov_weights": "rules",
+    "kl_cov_penalty": "rules",
+    "kl_cov_select": "rules",
+    "token_covariance": "rules",
+    "w_reinforce": "rules",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

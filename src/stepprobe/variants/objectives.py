@@ -1,21 +1,18 @@
-"""A `Variant` made into an objective: per-token losses for ``replay_update(..., objective=)``.
+"""A `Variant` made into an Objective (update/objective.py) for ``replay_update(..., objective=)``.
 
-An objective has loss.py's signature, ``objective(model, batch, settings, params=None) ->
-[N, C]``, so update.py replays it exactly as it replays the run's own loss: its own
-gradient, hence its own clip factor and Adam denominator.
-
-Every variant is the run's own rule with one change, so a paired comparison isolates that
-change. loss.py writes ℓ_{i,t} = p_{i,t}·(policy term) + k_{i,t}·β·KL - e_{i,t}·h_{i,t} with
-per-token weights (``TokenWeights``: mask, entropy mask, loss normaliser); variants act on
-those weights:
+The variant's objective is the run's own loss with one change, so ``replay_update`` replays
+it exactly as it replays the run's: its own gradient, hence its own clip factor and Adam
+denominator, and a paired comparison isolates that change. The run's loss is
+ℓ_{i,t} = Σ_term w_term[i,t]·term[i,t] (TRL: p·(policy term) + k·β·KL - e·h with per-token
+weights: mask, entropy mask, loss normaliser); variants act on those weights:
 
 - ``settings``: the run's loss with changed settings (entropy_coef, top_entropy_quantile,
   epsilon_high/low, loss_type, beta...). TRL implements these itself.
 - token weights w_{i,t} fixed at θ (``clip_cov``, ``advantage_reweight``, ``w_reinforce``,
-  ``weights``): p' = w p, KL and entropy bonus untouched. ``remove`` scales all three
+  ``weights``): p' = w p, KL and entropy bonus untouched. ``remove`` scales every weight
   (the whole ℓ_{i,t}, which is what the per-token influence δQ_{i,t} attributes).
-- ``kl_cov``: ℓ' = ℓ + k_{i,t} β |log π - log π_old| on the selected tokens: the reference
-  adds the term before its aggregation, so it is normalised like the KL term.
+- ``kl_cov``: an extra term, ℓ' = ℓ + k_{i,t} β |log π - log π_old| on the selected tokens
+  (the reference adds it before its aggregation, so it is normalised like the KL term).
 
 Weights and selections are computed once, at θ, and held fixed: the objective is then a
 smooth function of the parameters (what jvp/vmap and the replay need), and a seeded random
@@ -26,18 +23,21 @@ in ``meta`` (see ``with_rows``), so micro-batched replays see the right weights.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..batch import Batch
-from ..errors import StepprobeError
-from ..forward import score_batch
+from ..core.batch import Batch
+from ..core.errors import StepprobeError
+from ..core.names import LOSS_TYPES
+from ..core.scoring import score_batch
+from ..core.userfn import load_callable
+from ..update.objective import Objective, Weights
+from ..update.replay import replay_update
+from ..update.trl_loss import old_logps
 from . import rules
-
-Objective = Callable[..., torch.Tensor]
 
 # Named presets: kind and default parameters (sources in rules.py's docstring).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,7 +61,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # verl's historical default entropy_coeff.
     "entropy_bonus": ("settings", {"entropy_coef": 1e-3}),
 }
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what loss.py reproduces
 KINDS = (
     "baseline",
     "settings",
@@ -218,90 +217,50 @@ def _rows(batch: Batch, n_full: int) -> torch.Tensor:
     return torch.as_tensor(rows, dtype=torch.long)
 
 
+ABS = "abs_log_ratio"  # KL-Cov's term, weighted per token like the KL term
+
+
+def abs_log_ratio(logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """|log π - log π_old| per token (KL-Cov, arXiv 2505.22617)."""
+    return (logps - old_logps(logps, batch)).abs()
+
+
 def make_adjust(n_rows: int, policy=None, scope: str = "policy", abs_coef=None):
-    """``adjust(mb, weights) -> TokenWeights``: the variant's change to loss.py's weights.
+    """``adjust(mb, weights) -> weights``: the variant's change to the run's per-token weights.
 
     ``policy`` [n_rows, C]: multiplies the policy weight (scope "policy") or every weight
-    (scope "all"); ``abs_coef`` [n_rows, C]: coefficient of |log π - log π_old| (KL-Cov),
-    normalised like TRL's KL term (mask / loss normaliser). Rows are found by the row ids
-    ``with_rows`` put in ``mb.meta``.
+    (scope "all"); ``abs_coef`` [n_rows, C]: the weight of KL-Cov's |log π - log π_old|
+    term, normalised like TRL's KL term (mask / loss normaliser). Rows are found by the row
+    ids ``with_rows`` put in ``mb.meta``.
     """
-    from ..loss import TokenWeights
-
     if scope not in ("policy", "all"):
         raise StepprobeError(f"variant objective: scope {scope!r}; expected 'policy' or 'all'")
 
-    def adjust(mb: Batch, w):
+    def adjust(mb: Batch, w: Weights) -> Weights:
         if policy is None and abs_coef is None:
             return w
         rows = _rows(mb, n_rows)
         c = mb.completion_ids.shape[1]
-        pol, kl, ent, ab = w.policy, w.kl, w.entropy, w.abs_log_ratio
+        out = dict(w)
         if policy is not None:
-            x = policy[rows, :c].to(pol.dtype)
-            pol = x * pol
-            if scope == "all":
-                kl = x * kl
-                ent = None if ent is None else x * ent
-                ab = None if ab is None else x * ab
+            x = policy[rows, :c].to(w["policy"].dtype)
+            for k in ["policy"] if scope == "policy" else list(out):
+                out[k] = x * out[k]
         if abs_coef is not None:
-            extra = abs_coef[rows, :c].to(kl.dtype) * w.kl
-            ab = extra if ab is None else ab + extra
-        return TokenWeights(pol, kl, ent, ab)
+            extra = abs_coef[rows, :c].to(w["kl"].dtype) * w["kl"]
+            out[ABS] = extra if out.get(ABS) is None else out[ABS] + extra
+        return out
 
     return adjust
 
 
-def make_objective(settings, adjust=None) -> Objective:
-    """Per-token losses of the run's rule under ``settings`` with ``adjust`` applied to its
-    weights. Same signature as ``loss.token_losses``; one forward pass."""
-    from ..loss import token_losses
-
-    def objective(
-        model,
-        batch,
-        _settings=None,
-        params=None,
-        weights=None,
-        accumulation=1,
-        steps_per_generation=1,
-        num_items_in_batch=None,
-        dtype=None,
-    ):
-        # Weights handed in were computed under the caller's settings; a variant that changes
-        # settings (normaliser, entropy mask, bonus) recomputes its own.
-        if _settings is not None and _settings != settings:
-            weights = None
-        return token_losses(
-            model,
-            batch,
-            settings,
-            params=params,
-            weights=weights,
-            accumulation=accumulation,
-            steps_per_generation=steps_per_generation,
-            num_items_in_batch=num_items_in_batch,
-            dtype=dtype,
-            adjust=adjust,
-        )
-
-    objective.settings = settings
-    return objective
-
-
 @dataclass
 class Prepared:
-    """A variant ready to replay.
-
-    ``settings`` and ``adjust`` are what ``replay_update(ckpt, batch, settings=,
-    adjust_weights=)`` takes (``replay``); ``objective`` the same rule as a
-    ``token_losses``-style function; ``batch`` the batch (or micro-batches) with row ids;
-    ``info`` what the variant did.
-    """
+    """A variant ready to replay: its ``objective``, the ``batch`` (or micro-batches) with
+    row ids, and ``info`` on what the variant did."""
 
     variant: Variant
-    settings: Any
-    adjust: Callable | None
+    objective: Objective
     batch: Batch | list[Batch]
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -310,14 +269,12 @@ class Prepared:
         return self.variant.name
 
     @property
-    def objective(self) -> Objective:
-        return make_objective(self.settings, self.adjust)
+    def settings(self):
+        return self.objective.settings
 
     def replay(self, ckpt):
         """The variant's own AdamW update (its gradient, clip factor and denominator)."""
-        from ..update import replay_update
-
-        return replay_update(ckpt, self.batch, settings=self.settings, adjust_weights=self.adjust)
+        return replay_update(ckpt, self.batch, objective=self.objective)
 
 
 def _whole(batch) -> tuple[Batch, Batch | list[Batch]]:
@@ -335,7 +292,70 @@ def _whole(batch) -> tuple[Batch, Batch | list[Batch]]:
     return Batch.concat(mbs), mbs
 
 
-def prepare(variant, model, batch: Batch | list[Batch], settings) -> Prepared:
+# Each builder: (the variant, whole batch, its TokenState at θ, run settings) ->
+# (adjust kwargs for make_adjust, info).
+def _clip_cov(v, whole, state, settings):
+    p = v.params
+    eps_high = settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon_low
+    w = rules.clip_cov_weights(
+        state.logps, state.old_logps, whole.advantages, state.mask,
+        ratio=float(p.get("ratio", rules.CLIP_COV_RATIO)),
+        low=float(p.get("low", rules.CLIP_COV_LOW)),
+        high=float(p.get("high", rules.CLIP_COV_HIGH)),
+        epsilon_low=float(settings.epsilon_low), epsilon_high=float(eps_high),
+        seed=int(p.get("seed", 0)),
+    )  # fmt: skip
+    mask = state.mask.bool()
+    return {"policy": w}, {"detached": int((w[mask] == 0).sum()), "tokens": int(mask.sum())}
+
+
+def _kl_cov(v, whole, state, settings):
+    p = v.params
+    ratio = float(p.get("ratio", rules.KL_COV_RATIO))
+    coef = float(p.get("coef", rules.KL_COV_COEF))
+    sel = rules.kl_cov_select(state.logps, whole.advantages, state.mask, ratio=ratio)
+    info = {"selected": int(sel.sum()), "tokens": int(state.mask.sum()),
+            "on_policy": whole.old_logps is None}  # fmt: skip
+    return {"abs_coef": coef * sel.to(state.logps.dtype)}, info
+
+
+def _advantage_reweight(v, whole, state, settings):
+    p = v.params
+    alpha = float(p.get("alpha", rules.AR_ALPHA))
+    return {"policy": rules.advantage_reweight(state.old_logps, state.mask, alpha=alpha)}, {}
+
+
+def _w_reinforce(v, whole, state, settings):
+    p = v.params
+    lam = float(p.get("lam", rules.W_REINFORCE_LAMBDA))
+    return {"policy": rules.w_reinforce(whole.advantages, state.mask, lam=lam)}, {}
+
+
+def _user_weights(v, whole, state, settings):
+    p = v.params
+    fn = p.get("fn")
+    if isinstance(fn, str):
+        fn = load_callable(fn, what="weight function", dotted=True)
+    if not callable(fn):
+        raise StepprobeError(
+            f"variant '{v.name}': 'fn' must be 'module:function' or a callable, got {fn!r}"
+        )
+    w = rules.user_weights(fn, state, whole)
+    return {"policy": w, "scope": p.get("scope", "policy")}, {}
+
+
+_BUILDERS = {
+    "clip_cov": _clip_cov,
+    "kl_cov": _kl_cov,
+    "advantage_reweight": _advantage_reweight,
+    "w_reinforce": _w_reinforce,
+    "weights": _user_weights,
+}
+
+
+def prepare(
+    variant, model, batch: Batch | list[Batch], settings, framework: str = "trl"
+) -> Prepared:
     """Fix the variant's weights/selections at θ (the model's current parameters).
 
     Clip-Cov and KL-Cov compute their covariance over all tokens of the update batch (verl
@@ -346,64 +366,17 @@ def prepare(variant, model, batch: Batch | list[Batch], settings) -> Prepared:
     whole, rb = _whole(batch)
     n = len(whole)
     if v.kind == "baseline":
-        return Prepared(v, settings, None, rb)
+        return Prepared(v, Objective(settings, framework), rb)
     if v.kind == "settings":
-        return Prepared(v, with_settings(settings, **p), None, rb, {"settings": p})
-    state = token_state(model, whole, settings)
-    mask = state.mask
-    if v.kind == "clip_cov":
-        eps_high = (
-            settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon_low
-        )
-        w = rules.clip_cov_weights(
-            state.logps,
-            state.old_logps,
-            whole.advantages,
-            mask,
-            ratio=float(p.get("ratio", rules.CLIP_COV_RATIO)),
-            low=float(p.get("low", rules.CLIP_COV_LOW)),
-            high=float(p.get("high", rules.CLIP_COV_HIGH)),
-            epsilon_low=float(settings.epsilon_low),
-            epsilon_high=float(eps_high),
-            seed=int(p.get("seed", 0)),
-        )
-        info = {"detached": int((w[mask.bool()] == 0).sum()), "tokens": int(mask.sum())}
-        return Prepared(v, settings, make_adjust(n, policy=w), rb, info)
-    if v.kind == "kl_cov":
-        ratio = float(p.get("ratio", rules.KL_COV_RATIO))
-        coef = float(p.get("coef", rules.KL_COV_COEF))
-        sel = rules.kl_cov_select(state.logps, whole.advantages, mask, ratio=ratio)
-        info = {
-            "selected": int(sel.sum()),
-            "tokens": int(mask.sum()),
-            "on_policy": whole.old_logps is None,
-        }
-        return Prepared(
-            v, settings, make_adjust(n, abs_coef=coef * sel.to(state.logps.dtype)), rb, info
-        )
-    if v.kind == "advantage_reweight":
-        w = rules.advantage_reweight(
-            state.old_logps, mask, alpha=float(p.get("alpha", rules.AR_ALPHA))
-        )
-        return Prepared(v, settings, make_adjust(n, policy=w), rb)
-    if v.kind == "w_reinforce":
-        w = rules.w_reinforce(
-            whole.advantages, mask, lam=float(p.get("lam", rules.W_REINFORCE_LAMBDA))
-        )
-        return Prepared(v, settings, make_adjust(n, policy=w), rb)
-    if v.kind == "weights":
-        fn = p.get("fn")
-        fn = rules.load_callable(fn) if isinstance(fn, str) else fn
-        if not callable(fn):
-            raise StepprobeError(
-                f"variant '{v.name}': 'fn' must be 'module:function' or a callable, got {fn!r}"
-            )
-        w = rules.user_weights(fn, state, whole)
-        return Prepared(v, settings, make_adjust(n, policy=w, scope=p.get("scope", "policy")), rb)
+        return Prepared(v, Objective(with_settings(settings, **p), framework), rb, {"settings": p})
     if v.kind == "remove":
         w = removal_weights(whole, sequences=p.get("sequences", ()), tokens=p.get("tokens", ()))
-        return Prepared(v, settings, make_adjust(n, policy=w, scope="all"), rb, {"removed": p})
-    raise StepprobeError(f"variant '{v.name}': kind {v.kind!r} not handled")  # pragma: no cover
+        adjust = make_adjust(n, policy=w, scope="all")
+        return Prepared(v, Objective(settings, framework, adjust), rb, {"removed": p})
+    state = token_state(model, whole, settings)
+    kw, info = _BUILDERS[v.kind](v, whole, state, settings)
+    extra = {ABS: abs_log_ratio} if "abs_coef" in kw else {}
+    return Prepared(v, Objective(settings, framework, make_adjust(n, **kw), extra), rb, info)
 
 
 def removal_weights(batch: Batch, sequences=(), tokens=()) -> torch.Tensor:

@@ -20,13 +20,12 @@ References (the definitions follow the authors' code, not only the papers):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import StepprobeError
+from ..core.errors import StepprobeError
 
 CLIP_COV_RATIO = 2e-4
 CLIP_COV_LOW = 1.0
@@ -191,13 +190,6 @@ class TokenState:
     mask: torch.Tensor
 
 
-def load_callable(spec: str) -> Callable:
-    """Import ``module:function``, ``module.function`` or ``file.py:function``; errors name the spec."""
-    from ..userfn import load_callable as load
-
-    return load(spec, what="weight function", dotted=True)
-
-
 def user_weights(fn: Callable, state: TokenState, batch) -> torch.Tensor:
     """Call ``fn(state, batch)`` and check it returned finite [N, C] weights."""
     w = fn(state, batch)
@@ -211,8 +203,3 @@ def user_weights(fn: Callable, state: TokenState, batch) -> torch.Tensor:
     if not torch.isfinite(w[state.mask.bool()]).all():
         raise StepprobeError(f"weight function {name}: returned non-finite weights")
     return w * state.mask.to(w.dtype)
-
-
-def n_selected(ratio: float, n_tokens: int) -> int:
-    """max(1, floor(ratio · n_tokens)): the token count Clip-Cov and KL-Cov act on."""
-    return max(1, math.floor(ratio * n_tokens))
