@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from stepprobe.loss import token_losses
 
 import stepprobe as sp
 from stepprobe.core.batch import Batch
 from stepprobe.demo.model import build_model, build_tokenizer
+from stepprobe.update.objective import Objective, rows
 
 
 def setup(hidden: int, layers: int, n: int, P: int, C: int):
@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--completion", type=int, default=16)
-    ap.add_argument("--chunk", type=int, default=None, help="default: precision.grad_chunk")
+    ap.add_argument("--chunk", type=int, default=None, help="default: memory.grad_chunk")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -83,13 +83,14 @@ def main():
     s = ckpt.settings
 
     def one_backward():
-        torch.autograd.grad(token_losses(ckpt.model, batch, s).sum(), params)
+        torch.autograd.grad(Objective(s).token_losses(ckpt.model, batch).sum(), params)
 
     def loop():
         for i in range(len(batch)):
             bi = batch.select([i])
             torch.autograd.grad(
-                token_losses(ckpt.model, bi, s, weights=upd.weights[0].rows([i])).sum(), params
+                upd.objective.token_losses(ckpt.model, bi, weights=rows(upd.weights[0], [i])).sum(),
+                params,
             )
 
     def vectorised():

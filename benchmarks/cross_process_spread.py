@@ -62,8 +62,8 @@ from stepprobe.rollouts.arithmetic import digit_reward, make_prompts
 task = sp.Task([r["prompt"] for r in make_prompts(64, seed=5)], digit_reward)
 S = sp.sample_batch(ckpt, task, 8, 4, seed=7, filter_zero_advantage=False).table()
 print(json.dumps({**{c: t[c].tolist() for c in ("estimate", "se", "base")},
-                  "seq_influence": seq["influence"].tolist(), "seq_se": seq["se"].tolist(),
-                  "tok_influence": tok["influence"].tolist(),
+                  "seq_influence": seq["estimate"].tolist(), "seq_se": seq["se"].tolist(),
+                  "tok_influence": tok["estimate"].tolist(),
                   "sampled": {c: S[c].tolist() for c in ("logp_sum", "entropy_sum", "completion_text")}}))
 """
 

@@ -74,7 +74,7 @@ def run_checkpoint(ckpt_dir: Path, task, args) -> dict:
         })  # fmt: skip
     it = inf.table
     full, base = inf.step("full").estimate, inf.step("baseline").estimate
-    seq_sum = float(it.influence.sum())
+    seq_sum = float(it.estimate.sum())
     has = it.advantage.abs() > 0
     infl = {
         "checkpoint": ckpt.step,
@@ -84,10 +84,10 @@ def run_checkpoint(ckpt_dir: Path, task, args) -> dict:
         "dH_grad": full - base,
         "sum_seq": seq_sum,
         "baseline_share": base / full if full else np.nan,
-        "corr_advantage": float(np.corrcoef(it.influence[has], it.advantage[has])[0, 1]),
-        "corr_correct": float(np.corrcoef(it.influence[has], it.correct[has].astype(float))[0, 1]),
-        "mean_inf_correct": float(it.influence[has & it.correct].mean()),
-        "mean_inf_wrong": float(it.influence[has & ~it.correct.astype(bool)].mean()),
+        "corr_advantage": float(np.corrcoef(it.estimate[has], it.advantage[has])[0, 1]),
+        "corr_correct": float(np.corrcoef(it.estimate[has], it.correct[has].astype(float))[0, 1]),
+        "mean_inf_correct": float(it.estimate[has & it.correct].mean()),
+        "mean_inf_wrong": float(it.estimate[has & ~it.correct.astype(bool)].mean()),
         "n_nonzero_adv": int(has.sum()),
         "n_update": len(it),
     }

@@ -24,7 +24,7 @@ its directions), the coverage of the nominal 95% t intervals lies in [0.88, 0.99
 
 Why R = 400 batches. The sample SD of R estimates has relative sampling error
 sqrt((κ - 1) / (4R)) for kurtosis κ (κ = 2.8-3.4 measured here; 5 assumed): 5% at R = 400,
-and the RMS SE adds < 1%. Run with R = 2000 (``python tests/test_calibration.py 2000``, the
+and the RMS SE adds < 1%. Run with R = 2000 (``PYTHONPATH=tests python tests/integration/test_calibration.py 2000``, the
 figures of docs/math.md), the SEs give spread/SE 0.95-1.05 and coverage 92.4-96.2% in every
 check: the ratio band edges are then >= 5.7 SD away, and with each estimator's coverage
 counted as if from R intervals only (pooling over its directions is ignored) the expected
@@ -433,7 +433,9 @@ def test_paths_equal_the_statistics(steps, enum, design):
         close(se, statistics(step, rows[0], design, "entropy")["removal"][1])
 
 
-if __name__ == "__main__":  # python tests/test_calibration.py [R [CSV]]: docs/math.md's figures
+if (
+    __name__ == "__main__"
+):  # PYTHONPATH=tests python tests/integration/test_calibration.py [R [CSV]]: docs/math.md's figures
     import tempfile
     from pathlib import Path
 

@@ -90,3 +90,59 @@ def test_compare_and_removal_end_to_end(tmp_path):
     assert np.isfinite(rem[["predicted", "measured", "measured_linear"]].to_numpy()).all()
     # removing a sequence with advantage 0 moves nothing: predicted 0 with SE 0
     assert ((rem.predicted_se > 0) == (rem.predicted != 0)).all()  # values: test_calibration
+
+
+def test_variants_command_is_compare_variants_on_the_same_draws(tmp_path):
+    """`stepprobe variants` (replacing the old variants/__main__.py script) writes the API's
+    tables: the same Comparison as compare_variants on the draws it derives, and the
+    removal check's rows, all in the result protocol's columns; bad input exits 2."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    import stepprobe as sp
+    from stepprobe.cli import app
+    from stepprobe.demo.train import tiny_grpo_run
+    from stepprobe.rollouts.arithmetic import make_prompts
+    from stepprobe.stats.result import COLUMNS
+    from stepprobe.study.plan import derive_seed
+    from stepprobe.variants.compare import compare_variants
+
+    run = tiny_grpo_run(tmp_path / "run", steps=1)
+    ck = run.checkpoints[-1]
+    out = tmp_path / "out"
+    data = tmp_path / "prompts.jsonl"  # the old script's task: prompts + the dense digit reward
+    pd.DataFrame(make_prompts(24, seed=5)).to_json(data, orient="records", lines=True)
+    spec = "stepprobe.rollouts.arithmetic:digit_reward"
+    args = ["variants", "--checkpoint", str(ck), "--task", str(data), "--task-option",
+            f"reward={spec}", "--variant",
+            "w_reinforce", "--variant", "entropy_bonus", "--repeats", "2", "--eta", "0.5",
+            "--update-prompts", "2", "--update-per-prompt", "4", "--eval-prompts", "3",
+            "--eval-per-prompt", "4", "--removal-sequences", "1", "--seed", "3", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    got = pd.read_parquet(out / "variants.parquet")
+    assert set(COLUMNS) <= set(got.columns)
+    assert (out / "exploration.png").stat().st_size > 0
+
+    ckpt = sp.load_checkpoint(ck)
+    task = sp.get_task(data, reward=spec)
+
+    def draw(r):
+        U = sp.sample_batch(ckpt, task, 2, 4, derive_seed(3, ck.name, r, "update"))
+        E = sp.sample_batch(ckpt, task, 3, 4, derive_seed(3, ck.name, r, "eval"))
+        return U, E
+
+    cmp = compare_variants(ckpt, ["w_reinforce", "entropy_bonus"], draw, n_repeats=2, eta=0.5)
+    # same process, same draws: the same numbers
+    pd.testing.assert_frame_equal(got, cmp.table, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "differences.parquet"), cmp.differences)
+    assert set(cmp.differences.variant) == {"baseline", "w_reinforce", "entropy_bonus"}
+    rem = pd.read_parquet(out / "removal.parquet")
+    assert set(COLUMNS) <= set(rem.columns) and list(rem.selection) == ["most_negative", "random"]
+    assert (rem.estimate == rem.measured).all() and (rem.se > 0).all()
+
+    bad = CliRunner().invoke(
+        app, ["variants", "--checkpoint", str(ck), "--out", str(tmp_path / "x")]
+    )
+    assert bad.exit_code == 2 and "give at least one --variant" in bad.output
+    assert not (tmp_path / "x").exists()

@@ -53,29 +53,40 @@ def reference_path(
         return p, "reference_model argument"
     if is_lora:  # TRL disables the adapter: the base model is the reference
         return None, "LoRA adapter disabled"
-    cfg = ckpt_dir / "config.json"
-    if cfg.is_file():
-        try:
-            name = json.loads(cfg.read_text()).get("_name_or_path")
-        except json.JSONDecodeError as e:
-            raise StepprobeError(f"{cfg}: invalid JSON ({e})") from e
-        if name and (Path(name) / "config.json").is_file() and Path(name) != ckpt_dir:
-            return Path(name), f"{cfg} _name_or_path"
+    found = _from_config(ckpt_dir)
     for run_dir in (ckpt_dir, ckpt_dir.parent):
-        meta = run_dir / DEMO_RUN_FILE
-        if meta.is_file():
-            try:
-                base = json.loads(meta.read_text()).get("base_dir")
-            except json.JSONDecodeError as e:
-                raise StepprobeError(f"{meta}: invalid JSON ({e})") from e
-            if base:
-                p = (run_dir / base).resolve()
-                if not (p / "config.json").is_file():
-                    raise StepprobeError(
-                        f"{meta}: base_dir '{base}' -> {p} is not a model directory (no config.json)"
-                    )
-                return p, f"{meta} base_dir"
-    return None, "not found"
+        found = found or _from_demo_record(run_dir)
+    return found or (None, "not found")
+
+
+def _json_key(path: Path, key: str):
+    try:
+        return json.loads(path.read_text()).get(key)
+    except json.JSONDecodeError as e:
+        raise StepprobeError(f"{path}: invalid JSON ({e})") from e
+
+
+def _from_config(ckpt_dir: Path) -> tuple[Path, str] | None:
+    """``_name_or_path`` in the checkpoint's config.json (older transformers kept it)."""
+    cfg = ckpt_dir / "config.json"
+    name = _json_key(cfg, "_name_or_path") if cfg.is_file() else None
+    if name and (Path(name) / "config.json").is_file() and Path(name) != ckpt_dir:
+        return Path(name), f"{cfg} _name_or_path"
+    return None
+
+
+def _from_demo_record(run_dir: Path) -> tuple[Path, str] | None:
+    """``base_dir`` in a demo run's record."""
+    meta = run_dir / DEMO_RUN_FILE
+    base = _json_key(meta, "base_dir") if meta.is_file() else None
+    if not base:
+        return None
+    p = (run_dir / base).resolve()
+    if not (p / "config.json").is_file():
+        raise StepprobeError(
+            f"{meta}: base_dir '{base}' -> {p} is not a model directory (no config.json)"
+        )
+    return p, f"{meta} base_dir"
 
 
 def _check_sync(ckpt: Checkpoint) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import typer
 
 app = typer.Typer(
@@ -15,9 +18,6 @@ app.add_typer(demo_app, name="demo")
 def _quiet_libraries() -> None:
     """Our own progress bars and tables are the output: silence per-file weight-loading bars
     and deprecation chatter from transformers/TRL unless the user asked for their logs."""
-    import os
-    import warnings
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "PYTHONWARNINGS" not in os.environ:

@@ -17,6 +17,7 @@ import typing
 
 import typer
 
+from ..core import logs
 from ..core.errors import StepprobeError
 from ..core.logs import console as _console
 
@@ -39,8 +40,6 @@ def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, log_level: str = "INFO", **kwargs):
         from rich.markup import escape
-
-        from ..core import logs
 
         try:
             logs.setup(log_level)

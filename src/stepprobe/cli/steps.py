@@ -29,6 +29,26 @@ _REF = typer.Option(
 )
 _DTYPE = typer.Option("float32", "--dtype", help="float32 or float64")
 _TASK = typer.Option(None, "--task", help="task name or dataset path (default: a demo run's)")
+_TASK_OPTIONS = typer.Option(
+    [],
+    "--task-option",
+    help="KEY=VALUE, as the study's task_options (e.g. reward=mod:fn); repeatable",
+)
+
+
+def task_from(spec: str | None, options: list[str], ckpt):
+    """The task: ``spec`` (default: the demo run the checkpoint belongs to) with its options."""
+    import yaml
+
+    from ..rollouts.tasks import get_task
+
+    opts = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise StepprobeError(f"--task-option {item!r}: expected KEY=VALUE")
+        opts[key.strip()] = yaml.safe_load(value)
+    return get_task(spec if spec is not None else str(ckpt.path), **opts)
 
 
 def _torch_dtype(dtype: str):
@@ -66,6 +86,7 @@ def sample_cmd(
     checkpoint: str = _CKPT,
     out: str = typer.Option(..., "--out", help="directory to write the Batch to (atomic)"),
     task: str = _TASK,
+    task_option: list[str] = _TASK_OPTIONS,
     seed: int = typer.Option(0, "--seed", help="seed of the prompt draw and of sampling"),
     base_model: str = _BASE,
     reference_model: str = _REF,
@@ -80,7 +101,7 @@ def sample_cmd(
     cfg = validate(SampleConfig, sample, "stepprobe sample")
     ckpt = load_checkpoint(checkpoint, base_model=base_model, reference_model=reference_model)
     prompts, per_prompt = batch_size(ckpt, sample)
-    b = sample_batch(ckpt, task, prompts, per_prompt, seed,
+    b = sample_batch(ckpt, task_from(task, task_option, ckpt), prompts, per_prompt, seed,
                      filter_zero_advantage=cfg.filter_zero_advantage,
                      max_resample=cfg.max_resample)  # fmt: skip
     b.save(out)
@@ -142,18 +163,38 @@ def _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, o
     return ckpt, replay_update(ckpt, U), E
 
 
-@app.command("measure")
-@friendly
-@config_options(MeasureConfig, "options")
-def measure_cmd(
-    checkpoint: str = _CKPT,
-    update_batch: str = _U,
-    eval_batch: str = _E,
-    out: str = typer.Option(..., "--out", help="output .parquet (one row per q, direction, η)"),
-    base_model: str = _BASE,
-    dtype: str = _DTYPE,
-    options: dict = None,
-):
+def _estimator_command(name: str, config_cls, out_help: str):
+    """Register ``run(options, inputs, out)`` as command ``name``: the checkpoint, update
+    batch and evaluation batch options every estimator takes, plus its config's. ``inputs()``
+    loads them (cheap checks first); the command's help is ``run``'s docstring."""
+
+    def register(run):
+        @app.command(name, help=run.__doc__)
+        @friendly
+        @config_options(config_cls, "options")
+        def command(
+            checkpoint: str = _CKPT,
+            update_batch: str = _U,
+            eval_batch: str = _E,
+            out: str = typer.Option(..., "--out", help=out_help),
+            base_model: str = _BASE,
+            dtype: str = _DTYPE,
+            options: dict = None,
+        ):
+            def inputs():
+                return _estimator_inputs(
+                    checkpoint, update_batch, eval_batch, base_model, dtype, out
+                )
+
+            run(options, inputs, out)
+
+        return run
+
+    return register
+
+
+@_estimator_command("measure", MeasureConfig, "output .parquet (one row per q, direction, η)")
+def measure_cmd(options: dict, inputs, out: str):
     """ΔQ(η) of CHECKPOINT's step on the update batch, measured on the evaluation batch."""
     from ..core.config import as_kwargs, validate
     from ..estimators.measure import measure
@@ -164,31 +205,22 @@ def measure_cmd(
     if (options["estimator"] == "two_phase") != (sub is not None):
         raise StepprobeError("--subsample goes with --estimator two_phase (and it needs one)")
     cfg = validate(MeasureConfig, options, "stepprobe measure")
-    ckpt, upd, E = _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, out)
+    ckpt, upd, E = inputs()
     m = measure(ckpt, upd, E, **as_kwargs(cfg))
     m.to_parquet(out)
     console.print(m.summary())
     console.print(f"wrote {out}: {len(m.table)} rows")
 
 
-@app.command("influence")
-@friendly
-@config_options(InfluenceConfig, "options")
-def influence_cmd(
-    checkpoint: str = _CKPT,
-    update_batch: str = _U,
-    eval_batch: str = _E,
-    out: str = typer.Option(..., "--out", help="output .parquet (one row per sequence/token)"),
-    base_model: str = _BASE,
-    dtype: str = _DTYPE,
-    options: dict = None,
-):
-    """First-order δQ of every update sequence (or token) on the evaluation batch."""
+@_estimator_command("influence", InfluenceConfig, "output .parquet (one row per sequence/token)")
+def influence_cmd(options: dict, inputs, out: str):
+    """First-order δQ of every update sequence (or token) on the evaluation batch; the
+    whole step's rows (full v, baseline b) go to OUT's sibling <name>_whole.parquet."""
     from ..core.config import as_kwargs, validate
     from ..estimators.influence import influence
 
     cfg = validate(InfluenceConfig, {**options, "matrix": False}, "stepprobe influence")
-    ckpt, upd, E = _estimator_inputs(checkpoint, update_batch, eval_batch, base_model, dtype, out)
+    ckpt, upd, E = inputs()
     inf = influence(ckpt, upd, E, **as_kwargs(cfg))
     inf.to_parquet(out)
     whole = Path(out).with_name(Path(out).stem + "_whole.parquet")

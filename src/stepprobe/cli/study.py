@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -18,8 +19,6 @@ def init_config(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ):
     """Write a commented study config template."""
-    from pathlib import Path
-
     from ..study import template_text
 
     p = Path(path)

@@ -17,7 +17,7 @@ from ..rollouts.config import SampleConfig
 from ..variants.config import RemovalConfig, VariantsConfig
 from .app import app
 from .common import config_options, console, friendly
-from .steps import _BASE, _CKPT, _REF, _TASK, batch_size
+from .steps import _BASE, _CKPT, _REF, _TASK, _TASK_OPTIONS, batch_size, task_from
 
 
 def _repeats(ckpt, task, seed: int, upd: tuple, ev: tuple, cfg: SampleConfig):
@@ -69,6 +69,7 @@ def variants_cmd(
     checkpoint: str = _CKPT,
     out: str = typer.Option(..., "--out", help="directory for the tables and the plot"),
     task: str = _TASK,
+    task_option: list[str] = _TASK_OPTIONS,
     seed: int = typer.Option(0, "--seed", help="seed from which every repeat's draws derive"),
     base_model: str = _BASE,
     reference_model: str = _REF,
@@ -97,7 +98,7 @@ def variants_cmd(
     if dest.exists() and not dest.is_dir():
         raise StepprobeError(f"--out {out}: is a file; expected a directory")
     ckpt = load_checkpoint(checkpoint, base_model=base_model, reference_model=reference_model)
-    draw = _repeats(ckpt, task, seed, batch_size(ckpt, update), batch_size(ckpt, evaluation),
+    draw = _repeats(ckpt, task_from(task, task_option, ckpt), seed, batch_size(ckpt, update), batch_size(ckpt, evaluation),
                     upd_cfg)  # fmt: skip
     cmp = compare_variants(ckpt, cfg.variants, draw, n_repeats=cfg.repeats,
                            quantities=cfg.quantities, eta=cfg.eta, estimator=cfg.estimator,

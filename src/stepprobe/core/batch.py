@@ -73,6 +73,28 @@ class Batch:
     # ------------------------------------------------------------------ shape checks
     def validate(self, where: str = "batch") -> None:
         n = self.prompt_ids.shape[0] if self.prompt_ids.ndim == 2 else -1
+        self._check_token_tensors(n, where)
+        c_shape = tuple(self.completion_ids.shape)
+        for name in ("advantages", "rewards", "group_ids"):
+            t = getattr(self, name)
+            if t is not None and (t.ndim != 1 or t.shape[0] != n):
+                raise StepprobeError(
+                    f"{where}: '{name}' must have shape ({n},), got {tuple(t.shape)}"
+                )
+        for name in _PER_TOKEN:
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != c_shape:
+                raise StepprobeError(
+                    f"{where}: '{name}' must have shape {c_shape}, got {tuple(t.shape)}"
+                )
+        for key, values in self.meta.items():
+            if len(values) != n:
+                raise StepprobeError(
+                    f"{where}: meta['{key}'] has {len(values)} entries, expected {n}"
+                )
+
+    def _check_token_tensors(self, n: int, where: str) -> None:
+        """The id and mask tensors: 2-D with n rows, masks shaped like their ids."""
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != n:
@@ -84,28 +106,10 @@ class Batch:
             raise StepprobeError(
                 f"{where}: 'prompt_mask' shape {tuple(self.prompt_mask.shape)} != prompt_ids {tuple(self.prompt_ids.shape)}"
             )
-        c_shape = self.completion_ids.shape
-        if self.completion_mask.shape != c_shape:
+        if self.completion_mask.shape != self.completion_ids.shape:
             raise StepprobeError(
-                f"{where}: 'completion_mask' shape {tuple(self.completion_mask.shape)} != completion_ids {tuple(c_shape)}"
+                f"{where}: 'completion_mask' shape {tuple(self.completion_mask.shape)} != completion_ids {tuple(self.completion_ids.shape)}"
             )
-        for name in ("advantages", "rewards", "group_ids"):
-            t = getattr(self, name)
-            if t is not None and (t.ndim != 1 or t.shape[0] != n):
-                raise StepprobeError(
-                    f"{where}: '{name}' must have shape ({n},), got {tuple(t.shape)}"
-                )
-        for name in _PER_TOKEN:
-            t = getattr(self, name)
-            if t is not None and tuple(t.shape) != tuple(c_shape):
-                raise StepprobeError(
-                    f"{where}: '{name}' must have shape {tuple(c_shape)}, got {tuple(t.shape)}"
-                )
-        for key, values in self.meta.items():
-            if len(values) != n:
-                raise StepprobeError(
-                    f"{where}: meta['{key}'] has {len(values)} entries, expected {n}"
-                )
 
     def check_vocab(self, vocab_size: int, where: str = "batch") -> None:
         """Token ids outside [0, vocab_size) are an error naming the offending field and id."""

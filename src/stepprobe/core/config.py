@@ -12,6 +12,7 @@ naming each key, what it got and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Annotated, Any
 
 import annotated_types as at
@@ -50,13 +51,20 @@ def format_errors(e, source: str, what: str, allowed=(), label: str = "keys") ->
     return f"{source}: invalid {what}:\n  " + "\n  ".join(lines) + tail
 
 
+@functools.cache
+def _adapter(cls):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
 def validate(cls, data: dict, source: str | None = None):
     """An instance of the config class ``cls`` from ``data``, validated (types, ranges,
     allowed names, no unknown keys); a StepprobeError naming every bad key otherwise."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
     try:
-        return TypeAdapter(cls).validate_python(dict(data))
+        return _adapter(cls).validate_python(dict(data))
     except ValidationError as e:
         names = [f.name for f in dataclasses.fields(cls)]
         raise StepprobeError(format_errors(e, source or cls.__name__, "options", names)) from None

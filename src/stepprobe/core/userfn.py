@@ -85,22 +85,30 @@ def _import_file(path: Path, spec: str, what: str):
     if known is not None and Path(getattr(known, "__file__", "") or "").resolve() == path:
         return known
     if len(parts) > 1:  # inside a package: its dotted name, so relative imports resolve
-        try:
-            module = importlib.import_module(name)
-        except Exception as e:
-            raise StepprobeError(
-                f"{what} {spec!r}: importing {path} failed ({type(e).__name__}: {e})"
-            ) from e
-        got = Path(getattr(module, "__file__", "") or "").resolve()
-        if got != path:
-            raise StepprobeError(f"{what} {spec!r}: '{name}' imports {got}, not {path}")
-        return module
+        return _import_in_package(name, path, spec, what)
     # A plain file, loaded from its path (an installed module of the same name cannot
     # shadow it); under a name of its own when its stem is taken by another module.
     if known is not None:
         name = f"{name}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         if name in sys.modules:
             return sys.modules[name]
+    return _exec_file(name, path, spec, what)
+
+
+def _import_in_package(name: str, path: Path, spec: str, what: str):
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:
+        raise StepprobeError(
+            f"{what} {spec!r}: importing {path} failed ({type(e).__name__}: {e})"
+        ) from e
+    got = Path(getattr(module, "__file__", "") or "").resolve()
+    if got != path:
+        raise StepprobeError(f"{what} {spec!r}: '{name}' imports {got}, not {path}")
+    return module
+
+
+def _exec_file(name: str, path: Path, spec: str, what: str):
     mspec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(mspec)
     sys.modules[name] = module

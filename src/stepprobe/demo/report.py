@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.table import Table
+
 from .layout import checkpoint_dirs
 from .plot import log_history
 
@@ -39,8 +41,6 @@ def checkpoint_rows(run_dir: str | Path, window: int = 5) -> list[dict]:
 
 def render_table(run_dir: str | Path, title: str | None = None, window: int = 5):
     """A rich Table of `checkpoint_rows`."""
-    from rich.table import Table
-
     table = Table(title=title or str(run_dir))
     for col in ("step", f"reward (last {window})", f"entropy (last {window})", "learning rate"):
         table.add_column(col, justify="right")

@@ -11,6 +11,10 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
 from ..core.errors import StepprobeError
 from ..study import demo_config
 from ..study.runner import run_study
@@ -91,9 +95,6 @@ def study(run_dir: Path, out: Path, console) -> Path:
 def headline(study_dir: Path, console) -> None:
     """The study's answer in one table: predicted entropy change per step at each
     checkpoint (95% interval across repeats) next to the training log's own slope."""
-    import pandas as pd
-    from rich.table import Table
-
     path = Path(study_dir) / "report" / "log_check.csv"
     if not path.exists():
         return
@@ -116,8 +117,6 @@ def run_demo(
 ) -> dict:
     """The `make demo` pipeline: train what is missing, print per-checkpoint tables, then
     study the full fine-tune's checkpoints. Returns {variant: run_dir} (+ "report")."""
-    from rich.console import Console
-
     console = console or Console()
     use_demo_threads()
     t0 = time.perf_counter()

@@ -20,11 +20,13 @@ import pandas as pd
 import torch
 
 from ..core.batch import Batch
+from ..core.config import validate
 from ..core.errors import StepprobeError
-from ..core.names import LEVELS, choices
+from ..core.names import choices
 from ..stats import delta
 from ..stats.intervals import add_interval
 from ..stats.result import Result
+from .config import InfluenceConfig
 from .gradients import psi_gradients, surrogate, surrogate_gradient, term_gradients, token_jvp
 from .params import dot, gram, group_index, trainable
 from .quantities import get_quantity
@@ -202,10 +204,11 @@ def influence(
     ``delta``: the matrix's own cluster sums would leave out how Q̂ and B̂ vary with E).
     ``level="token"``: one jvp of Update.token_losses along u = ∇Q ⊙ P; with ``se`` one
     more jvp per prompt group (per eval sequence for noise="completions").
-    ``Influence.whole``: the same for the whole v and for the baseline b.
+    ``Influence.whole``: the same for the whole v and for the baseline b. The options are
+    InfluenceConfig's (estimators/config.py: the CLI's too).
     """
-    if level not in LEVELS:
-        raise StepprobeError(f"level={level!r}; expected {choices(LEVELS)}")
+    validate(InfluenceConfig, dict(quantity=quantity, level=level, eta=eta, matrix=matrix, se=se,
+                                   noise=noise, normalise=normalise), "influence")  # fmt: skip
     q = get_quantity(quantity)
     model, temp = ckpt.model, float(ckpt.settings.temperature)
     vec, base = update.vector, update.baseline

@@ -15,9 +15,10 @@ import pandas as pd
 import torch
 
 from ..core.batch import Batch
+from ..core.config import validate
 from ..core.errors import StepprobeError
-from ..core.names import MEASURE_ESTIMATORS, choices
 from ..stats.result import Result
+from .config import MeasureConfig
 from .linear import linear_change
 from .params import update_directions
 from .snis import Values, evaluate, snis_table
@@ -59,23 +60,17 @@ def measure(
 
     ``estimator``: "snis" (true change), "linear" (η·lr·∇Q·v by jvp), "both", or
     "two_phase" (linear on all of E + the SNIS-minus-linear remainder on ``subsample``: a
-    fraction or number of E's prompt groups, the first ones or drawn with ``seed``).
+    fraction or number of E's prompt groups, the first ones or drawn with ``seed``). The
+    options are MeasureConfig's (estimators/config.py: the CLI's and the study's too).
     """
-    if estimator not in MEASURE_ESTIMATORS:
-        raise StepprobeError(f"estimator={estimator!r}; expected {choices(MEASURE_ESTIMATORS)}")
+    validate(MeasureConfig, dict(quantity=quantity, etas=etas, estimator=estimator,
+                                 directions=directions, noise=noise, normalise=normalise,
+                                 subsample=subsample, seed=seed), "measure")  # fmt: skip
     if len(E) < 2:
         raise StepprobeError(f"evaluation batch has {len(E)} sequence(s); need at least 2")
     model, temp, lr = ckpt.model, float(ckpt.settings.temperature), float(update.lr)
     dirs = update_directions(update, directions)
     if estimator == "two_phase":
-        if subsample is None:
-            raise StepprobeError(
-                "estimator='two_phase' needs subsample= (a fraction or a number of groups)"
-            )
-        if normalise != "pooled":
-            raise StepprobeError(
-                f"estimator='two_phase' supports normalise='pooled' only, not {normalise!r}"
-            )
         table = two_phase_table(
             model, E, quantity, dirs, etas, subsample, temp, lr, noise, seed, dtype
         )

@@ -445,9 +445,11 @@ def sample_batch(
     so ``replay_update`` can add TRL's KL term. ``filter_zero_advantage`` (off by default, as
     TRL trains: groups whose rewards are all equal add no gradient but count in its loss
     normaliser) drops such groups and draws others instead, for batches of informative
-    groups only.
+    groups only. ``task`` None: the task a demo run records next to its checkpoints.
     """
     info = {"checkpoint": str(getattr(ckpt, "path", "")), "step": getattr(ckpt, "step", None)}
+    if task is None:  # a demo run's checkpoint: the task recorded beside it
+        task = str(ckpt.path)
     batch = sample(
         ckpt.model,
         ckpt.tokenizer,

@@ -6,7 +6,7 @@ evaluation sequences of E. Its influence function ψ assigns each sequence j a v
 ψ (``cluster_variance``): prompt groups as iid clusters (noise="prompts") or deviations
 within each group (noise="completions"). One ψ per estimate serves both noise models: its
 group sums are the cluster-level influence, its within-group deviations the per-completion
-one. docs/math.md derives the coefficients below; tests/test_delta.py checks them against
+one. docs/math.md derives the coefficients below; tests/unit/test_delta.py checks them against
 autograd of the estimators written with observation weights.
 
 First order (``Linearisation``): along a direction v, with per-sequence derivatives

@@ -4,6 +4,8 @@ cfg = load_config("study.yaml")           # or demo_config("runs/demo")
 report = run_study(cfg, "runs/study")     # plan -> executor -> store -> report
 """
 
+from pathlib import Path
+
 from .config import StudyConfig, load_config, parse_config, template_text
 from .executor import Executor, InProcessExecutor, ProcessExecutor
 from .plan import Trial, derive_seed, plan
@@ -37,8 +39,6 @@ def demo_config(run_dir, **overrides) -> StudyConfig:
     """The default study of the demo run in ``run_dir`` (all its checkpoints), sized to
     finish in a few minutes on 2 CPU cores (6 checkpoints x 6 repeats, 4 update-rule variants,
     removal check on); ``overrides`` replace top-level keys."""
-    from pathlib import Path
-
     data = {
         "checkpoints": [str(Path(run_dir).resolve())],
         "task": str(Path(run_dir).resolve()),  # the prompts the run trained on

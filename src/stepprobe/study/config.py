@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,6 +285,4 @@ def load_config(path: str | Path) -> StudyConfig:
 
 
 def template_text() -> str:
-    from importlib.resources import files
-
     return (files("stepprobe") / "templates" / "study.yaml").read_text()

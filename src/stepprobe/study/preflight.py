@@ -33,6 +33,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
+from ..checkpoint.hf_trainer import OPTIMIZERS
 from ..checkpoint.reference import reference_path
 from ..checkpoint.settings import TRAINING_ARGS, resolve_settings, run_step
 from ..core.errors import StepprobeError
@@ -188,61 +189,78 @@ def _describe_step(s: dict) -> str:
 
 
 # ---------------------------------------------------------------------- per checkpoint
-def _checkpoint(pf: Preflight, ckpt: Path, cfg: StudyConfig) -> None:
-    name = ckpt.name
-    info: dict = {"path": str(ckpt)}
-    pf.checkpoints[name] = info
-    try:
-        is_lora, arch_dir = _weights(pf, ckpt, cfg)
-    except StepprobeError as e:
-        pf.add("weights", ckpt, "error", str(e))
-        is_lora, arch_dir = False, None
-    for fname, what in (
-        ("optimizer.pt", "the AdamW state; save checkpoints with save_only_model=False"),
-        ("scheduler.pt", "the lr schedule; save checkpoints with save_only_model=False"),
-        ("trainer_state.json", "the step and training log"),
-        (TRAINING_ARGS, "the run's settings"),
-    ):
+_FILES = (
+    ("optimizer.pt", "the AdamW state; save checkpoints with save_only_model=False"),
+    ("scheduler.pt", "the lr schedule; save checkpoints with save_only_model=False"),
+    ("trainer_state.json", "the step and training log"),
+    (TRAINING_ARGS, "the run's settings"),
+)
+
+
+def _files(pf: Preflight, ckpt: Path, info: dict) -> None:
+    """The Trainer's files present and non-empty; the step from trainer_state.json."""
+    for fname, what in _FILES:
         f = ckpt / fname
         if not f.is_file() or f.stat().st_size == 0:
-            pf.add(
-                "files",
-                ckpt,
-                "error",
-                f"no {fname} ({what})" if not f.is_file() else f"{fname} is empty",
-            )
+            msg = f"no {fname} ({what})" if not f.is_file() else f"{fname} is empty"
+            pf.add("files", ckpt, "error", msg)
     if (ckpt / "trainer_state.json").is_file():
         try:
             info["step"] = int(_json(ckpt / "trainer_state.json").get("global_step", 0))
         except StepprobeError as e:
             pf.add("files", ckpt, "error", str(e))
-    if (ckpt / "scheduler.pt").is_file() and (ckpt / "scheduler.pt").stat().st_size:
-        try:
-            lr = _scheduler_lr(ckpt / "scheduler.pt")
-        except StepprobeError as e:
-            pf.add("files", ckpt, "error", str(e))
-            lr = None
-        info["lr"], info["lr_source"] = lr, "scheduler.pt last lr"
-        if lr == 0:
-            pf.add("lr", ckpt, "warning",
-                   "the next step's learning rate is 0 (the schedule has ended): its step changes "
-                   "nothing; flagged in the report and left out of pooled regressions and plots")  # fmt: skip
-    if not (ckpt / TRAINING_ARGS).is_file():
+
+
+def _next_lr(pf: Preflight, ckpt: Path, info: dict) -> None:
+    """The next step's lr from scheduler.pt; 0 (the schedule has ended) is flagged."""
+    f = ckpt / "scheduler.pt"
+    if not (f.is_file() and f.stat().st_size):
         return
+    try:
+        lr = _scheduler_lr(f)
+    except StepprobeError as e:
+        pf.add("files", ckpt, "error", str(e))
+        lr = None
+    info["lr"], info["lr_source"] = lr, "scheduler.pt last lr"
+    if lr == 0:
+        pf.add("lr", ckpt, "warning",
+               "the next step's learning rate is 0 (the schedule has ended): its step changes "
+               "nothing; flagged in the report and left out of pooled regressions and plots")  # fmt: skip
+
+
+def _settings(pf: Preflight, ckpt: Path):
+    """(RunSettings, raw training args) when the replay supports them, else None."""
+    where = ckpt / TRAINING_ARGS
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             settings, raw = resolve_settings(ckpt)
         for w in caught:
-            pf.add("settings", ckpt / TRAINING_ARGS, "warning", str(w.message))
-        if settings.optim not in ("adamw_torch", "adamw_torch_fused"):
+            pf.add("settings", where, "warning", str(w.message))
+        if settings.optim not in OPTIMIZERS:
             raise StepprobeError(
                 f"optim '{settings.optim}' is not supported; expected adamw_torch or adamw_torch_fused"
             )
         check_sampling({**raw, **settings.to_dict()})
     except StepprobeError as e:
-        pf.add("settings", ckpt / TRAINING_ARGS, "error", str(e))
+        pf.add("settings", where, "error", str(e))
+        return None
+    return settings, raw
+
+
+def _checkpoint(pf: Preflight, ckpt: Path, cfg: StudyConfig) -> None:
+    info: dict = {"path": str(ckpt)}
+    pf.checkpoints[ckpt.name] = info
+    try:
+        is_lora, arch_dir = _weights(pf, ckpt, cfg)
+    except StepprobeError as e:
+        pf.add("weights", ckpt, "error", str(e))
+        is_lora, arch_dir = False, None
+    _files(pf, ckpt, info)
+    _next_lr(pf, ckpt, info)
+    if not (ckpt / TRAINING_ARGS).is_file() or (read := _settings(pf, ckpt)) is None:
         return
+    settings, raw = read
     info["beta"] = float(settings.beta)
     info["loss_type"] = settings.loss_type
     try:

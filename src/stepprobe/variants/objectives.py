@@ -22,6 +22,7 @@ in ``meta`` (see ``with_rows``), so micro-batched replays see the right weights.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -173,8 +174,6 @@ def with_settings(settings, **changes):
         return dataclasses.replace(settings, **changes)
     if hasattr(settings, "model_copy"):
         return settings.model_copy(update=changes)
-    import copy
-
     out = copy.copy(settings)
     for k, v in changes.items():
         setattr(out, k, v)
