@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..core.errors import StepprobeError
-from ..core.io import write_json
+from ..core.io import atomic_dir, write_json
 from ..rollouts import arithmetic
 from .layout import META_FILE, PLOT_FILE, checkpoint_dirs
 from .model import build_model, build_tokenizer, save_base
@@ -186,9 +186,8 @@ def build_warm_base(
         exact_accuracy=exact_accuracy(model, tokenizer),
         seconds=round(time.perf_counter() - t0, 1),
     )
-    tmp = Path(str(base_dir) + ".tmp")
-    save_base(tmp, model=model, tokenizer=tokenizer)
-    os.replace(tmp, base_dir)
+    with atomic_dir(base_dir) as tmp:
+        save_base(tmp, model=model, tokenizer=tokenizer)
     return info
 
 

@@ -113,7 +113,7 @@ def score_gradient(
     chunk: int | None = None,
 ):
     """(∇Q as a module-name dict, Q̂(θ)) by one backward over E (``chunk`` rows at a time:
-    default ``precision.eval_chunk``, all of E off CUDA)."""
+    default ``memory.eval_chunk``, all of E off CUDA)."""
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)
     s = surrogate(model, E, q, temperature, dtype, normalise)
@@ -182,7 +182,7 @@ def per_sequence_gradients(
     """∇term_j for every eval sequence j (module-name dict of [M, *shape]); Σ_j = ∇Q.
 
     Each sequence is scored on its own, by vmap over chunks of ``chunk`` sequences
-    (default ``precision.grad_chunk``: as many as fit).
+    (default ``memory.grad_chunk``: as many as fit).
     """
     q = get_quantity(quantity)
     theta = dict(theta) if theta is not None else trainable(model)

@@ -51,7 +51,7 @@ def generate(
 ) -> Sampled:
     """Sample completions from the full tempered softmax with a KV cache.
 
-    Positions are the plain ``arange`` over the left-padded row (forward.py's convention);
+    Positions are the plain ``arange`` over the left-padded row (core/scoring.py's convention);
     tokens are drawn with ``generator`` only (never the global RNG).
     """
     from transformers import DynamicCache
@@ -73,7 +73,7 @@ def generate(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     ids, alive, lps, ents, ranks = [], [], [], [], []
     for t in range(max_new_tokens):
-        # forward.score divides in the model dtype, then promotes: same order here.
+        # scoring.score divides in the model dtype, then promotes: same order here.
         logits = (out.logits[:, -1, :] / temperature).float()
         probs = torch.softmax(logits, dim=-1)
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)

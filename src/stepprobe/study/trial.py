@@ -20,6 +20,7 @@ import torch
 from ..checkpoint.load import load_checkpoint
 from ..checkpoint.precision import apply_precision
 from ..core.logs import event
+from ..core.names import LEVELS
 from ..core.precision import accumulation_dtype, weight_dtype
 from ..estimators.influence import influence
 from ..estimators.measure import Measurement, measure
@@ -74,7 +75,7 @@ def _checkpoint(trial: Trial):
         _CACHE.clear()
         dtype = weight_dtype(cfg["precision"])
         # Loaded in the accumulation dtype, then the weights cast: AdamW moments stay float32
-        # for bf16/fp16 weights, and move to the device with the model (precision.py).
+        # for bf16/fp16 weights, and move to the device with the model (checkpoint/precision.py).
         ckpt = load_checkpoint(
             trial.checkpoint,
             base_model=models[0],
@@ -151,7 +152,7 @@ def _removal(ckpt, U, E, upd, seqs, toks, m, cfg: dict, seed: int) -> pd.DataFra
     q = spec.get("quantity", "entropy")
     col = f"influence_{q}"
     out = []
-    for level in ("sequence", "token"):
+    for level in LEVELS:
         k = int(spec.get(f"{level}s", 0))
         if k <= 0:
             continue
