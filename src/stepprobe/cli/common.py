@@ -77,7 +77,7 @@ def _plain(tp):
     return (tp if tp in (bool, int, float, str) else str), None
 
 
-def _option(f: dataclasses.Field, hint, prefix: str) -> tuple[object, object]:
+def _option(f: dataclasses.Field, hint, prefix: str, label: str) -> tuple[object, object]:
     """(annotation, typer.Option) of one config field."""
     cli_type = f.metadata.get("cli_type")
     tp, names = _plain(hint) if cli_type is None else (cli_type, None)
@@ -93,7 +93,7 @@ def _option(f: dataclasses.Field, hint, prefix: str) -> tuple[object, object]:
         and not isinstance(default, list)
     ):
         default = [default]
-    help_ = f.metadata.get("help", "")
+    help_ = label + f.metadata.get("help", "")
     if names:
         help_ += f" (one of: {', '.join(map(str, names))})"
     if typing.get_origin(tp) is list:
@@ -104,11 +104,11 @@ def _option(f: dataclasses.Field, hint, prefix: str) -> tuple[object, object]:
     return tp, typer.Option(default, flag, help=help_)
 
 
-def config_options(config_cls, dest: str, prefix: str = "", exclude=()):
+def config_options(config_cls, dest: str, prefix: str = "", exclude=(), label: str = ""):
     """Decorator: the fields of ``config_cls`` (a verb's config) as options of the command,
     collected into one dict passed as keyword ``dest`` (field -> value). A field's metadata
     may set ``flag`` (its option, e.g. "--eta"), ``cli_type`` (what typer parses) or
-    ``cli=False`` (not an option)."""
+    ``cli=False`` (not an option). ``label`` starts each option's help."""
     hints = typing.get_type_hints(config_cls, include_extras=True)
     fields = [f for f in dataclasses.fields(config_cls)
               if f.name not in exclude and f.metadata.get("cli", True)]  # fmt: skip
@@ -122,7 +122,7 @@ def config_options(config_cls, dest: str, prefix: str = "", exclude=()):
 
         extra = []
         for f in fields:
-            tp, opt = _option(f, hints[f.name], prefix)
+            tp, opt = _option(f, hints[f.name], prefix, label)
             extra.append(inspect.Parameter(names[f.name], inspect.Parameter.KEYWORD_ONLY,
                                            default=opt, annotation=tp))  # fmt: skip
         _with_params(fn, wrapper, extra, drop=(dest,))

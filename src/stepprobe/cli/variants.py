@@ -60,11 +60,10 @@ def _removal(ckpt, U, E, rem: RemovalConfig, eta: float, seed: int):
 @app.command("variants")
 @friendly
 @config_options(VariantsConfig, "options")
-@config_options(RemovalConfig, "removal", prefix="removal-")
-@config_options(SampleConfig, "update", prefix="update-", exclude=("max_resample",))
-@config_options(
-    SampleConfig, "evaluation", prefix="eval-", exclude=("max_resample", "filter_zero_advantage")
-)
+@config_options(RemovalConfig, "removal", prefix="removal-", label="removal check: ")
+@config_options(SampleConfig, "update", prefix="update-", exclude=("max_resample",), label="U: ")
+@config_options(SampleConfig, "evaluation", prefix="eval-",
+                exclude=("max_resample", "filter_zero_advantage"), label="E: ")  # fmt: skip
 def variants_cmd(
     checkpoint: str = _CKPT,
     out: str = typer.Option(..., "--out", help="directory for the tables and the plot"),
