@@ -29,7 +29,7 @@ CHILD = r"""
 import json, sys, torch
 threads, mode, ckpt_dir, d = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(threads)
-from stepprobe import quantities as Q
+from stepprobe.estimators import quantities as Q
 if mode == "float32":  # the former accumulation: float32 sums over each sequence's tokens
     def tok(self, scores, batch):
         m = batch.completion_mask.to(scores.entropy.dtype)
@@ -44,9 +44,7 @@ if mode == "float32":  # the former accumulation: float32 sums over each sequenc
         out = {q.name: q.parts(scores, batch) for q in qs}
         out["_logp"] = scores.logps.sum(1)
         return out
-    Q.sequence_parts = sequence_parts
-    import stepprobe.measure as M
-    M.sequence_parts = sequence_parts
+    Q.sequence_parts = sequence_parts  # forward_parts, in the same module, calls it
 import stepprobe as sp
 from stepprobe.checkpoint.load import load_checkpoint
 from stepprobe.update.replay import replay_update
